@@ -1,0 +1,2 @@
+"""megatron-less: GRPO + LESS on Megatron-Core."""
+__version__ = "0.1.0"
