@@ -1,0 +1,115 @@
+"""The verifiable math reward: 1.0 when the last boxed answer equals the reference, else 0.0.
+
+GRPO learns only from this number and LESS splits segments by it, so a wrong verdict poisons
+both; every verdict therefore carries the reason it was given.
+
+Time bounds. A single verdict runs under a ``setitimer`` alarm, which interrupts pure-Python
+work (LaTeX parsing, sympy simplification). Alarms reach only a process's main thread and cannot
+interrupt long C calls, so ``score_batch`` runs verdicts in worker processes that the parent
+kills and replaces when they overrun (see ``rewards.pool``). ``compute_score`` called from a
+non-main thread goes through that pool too.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+from megatron_less.rewards.boxed import extract_last_boxed
+from megatron_less.rewards.equivalence import MAX_ANSWER_CHARS, canonical, equivalent
+
+DEFAULT_TIMEOUT = 3.0
+REASONS = ("correct", "no_box", "timeout", "mismatch", "error")
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float  # 1.0 or 0.0
+    extracted: str | None  # content of the last box; None when there was none
+    reason: str  # one of REASONS
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "extracted": self.extracted, "reason": self.reason}
+
+
+class VerifyTimeout(BaseException):
+    """Raised by the alarm. A BaseException so that math-verify's ``except Exception`` blocks
+    cannot swallow it and turn a timeout into a silent "mismatch"."""
+
+
+def _on_alarm(signum, frame):
+    raise VerifyTimeout()
+
+
+def prejudge(response: str, reference: str, string_match: bool = True) -> ScoreResult | str:
+    """Verdicts that need no parser (no box, spelled like the reference, absurdly long), or the
+    extracted answer when the parser must decide. Cheap, so the pool's parent runs it inline."""
+    extracted = extract_last_boxed(response)
+    if extracted is None:
+        return ScoreResult(0.0, None, "no_box")
+    if len(extracted) > MAX_ANSWER_CHARS:
+        return ScoreResult(0.0, extracted, "mismatch")
+    if string_match and extracted.strip() and canonical(extracted) == canonical(reference):
+        return ScoreResult(1.0, extracted, "correct")
+    return extracted
+
+
+def judge_timed(
+    extracted: str, reference: str, timeout: float, string_match: bool = True
+) -> ScoreResult:
+    """Run ``equivalent`` under a ``timeout``-second alarm. Main thread only."""
+    old_handler = signal.signal(signal.SIGALRM, _on_alarm)
+    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        ok = equivalent(extracted, reference, string_match)
+        result = ScoreResult(1.0 if ok else 0.0, extracted, "correct" if ok else "mismatch")
+    except VerifyTimeout:
+        result = ScoreResult(0.0, extracted, "timeout")
+    except Exception:  # noqa: BLE001 - one bad answer must cost one reward, not the batch
+        result = ScoreResult(0.0, extracted, "error")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay:  # give back a caller's pending alarm rather than cancel it
+            signal.setitimer(signal.ITIMER_REAL, max(old_delay - timeout, 1e-3))
+    return result
+
+
+def compute_score(response: str, ground_truth: str, timeout: float = DEFAULT_TIMEOUT) -> ScoreResult:
+    """Score one response against its reference answer, within ``timeout`` seconds."""
+    early = prejudge(response, ground_truth)
+    if isinstance(early, ScoreResult):
+        return early
+    if threading.current_thread() is threading.main_thread():
+        return judge_timed(early, ground_truth, timeout)
+    return score_batch([response], [ground_truth], num_workers=1, timeout=timeout)[0]
+
+
+def score_batch(
+    responses: Sequence[str],
+    ground_truths: Sequence[str],
+    num_workers: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    string_match: bool = True,
+) -> list[ScoreResult]:
+    """Score many responses in parallel worker processes; never raises for a bad item.
+
+    ``num_workers=0`` scores in this process (main thread only; for debugging). Otherwise a
+    shared pool of that many workers (default: min(8, CPUs)) is reused across calls.
+    ``string_match=False`` makes math-verify judge even answers spelled like the reference.
+    """
+    if len(responses) != len(ground_truths):
+        raise ValueError(
+            f"score_batch: {len(responses)} responses but {len(ground_truths)} ground truths"
+        )
+    if num_workers == 0:
+        out = []
+        for r, g in zip(responses, ground_truths):
+            early = prejudge(r, g, string_match)
+            out.append(early if isinstance(early, ScoreResult) else judge_timed(early, g, timeout, string_match))
+        return out
+    from megatron_less.rewards.pool import shared_pool
+
+    return shared_pool(num_workers).score(responses, ground_truths, timeout, string_match)
