@@ -7,6 +7,7 @@ module-level function and get each rank's result (or its traceback) as Python ob
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -33,12 +34,19 @@ def _worker(fn, rank, world_size, port, args, kwargs, env, results):
         **env,
     )
     try:
+        import warnings
+
         import torch
 
+        if not os.environ.get("MLESS_WARNINGS"):
+            # megatron-core warns about missing apex/TE once per process and rank: noise in tests.
+            warnings.filterwarnings("ignore", category=UserWarning)
         # N processes share few cores: one intra-op thread each avoids oversubscription.
         torch.set_num_threads(int(os.environ.get("MLESS_THREADS_PER_RANK", "1")))
         out = fn(*args, **kwargs)
-        results.put((rank, True, out))
+        # Plain pickle: torch's queue reducer passes tensors through shared memory that dies
+        # with this process before the parent reads it.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -103,7 +111,7 @@ def run_distributed(
                 continue
             if not ok:
                 raise DistributedError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5 if len(out) == world_size else 0.1)

@@ -1,0 +1,269 @@
+"""The only place that patches megatron-core so it runs without CUDA (CPU + gloo).
+
+megatron-core assumes a GPU in a handful of spots: ``torch.cuda.current_device()`` as a device,
+``torch.cuda.synchronize()``, CUDA RNG state get/set, ``device="cuda"`` literals and
+``'torch.cuda.FloatTensor'`` type strings. Every fix here is scoped to the megatron module that
+needs it: the module's global name ``torch`` is swapped for a thin proxy that answers those calls
+for the CPU and forwards everything else to the real ``torch``. torch itself is never touched
+(wrapping torch factory functions process-wide silently corrupted HF ``from_pretrained``).
+
+Patches are applied only when CUDA is unavailable. Each one has a test in
+``tests/test_cpu_compat.py`` that removes it and shows the code path breaking, so a
+megatron-core upgrade that makes a patch unnecessary is noticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+
+def _cpu_device(device):
+    """Map CUDA device designators to the CPU (megatron passes 'cuda', ints, torch.device)."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return "cpu"
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CudaOnCpu:
+    """``torch.cuda`` as megatron-core uses it, answered by the CPU."""
+
+    def current_device(self):
+        return "cpu"
+
+    def synchronize(self, device=None):
+        pass
+
+    def is_available(self):
+        return False
+
+    # The "CUDA" RNG of megatron's tracker is the CPU default generator on this machine.
+    def get_rng_state(self, device=None):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, device=None):
+        torch.set_rng_state(state)
+
+    def manual_seed(self, seed):
+        torch.manual_seed(seed)
+
+    @property
+    def random(self):
+        return self
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _with_cpu_device(fn):
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class _TorchOnCpu:
+    """The ``torch`` module seen by one patched megatron module."""
+
+    cuda = _CudaOnCpu()
+    zeros = staticmethod(_with_cpu_device(torch.zeros))
+    ones = staticmethod(_with_cpu_device(torch.ones))
+    empty = staticmethod(_with_cpu_device(torch.empty))
+    tensor = staticmethod(_with_cpu_device(torch.tensor))
+    full = staticmethod(_with_cpu_device(torch.full))
+    arange = staticmethod(_with_cpu_device(torch.arange))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_TORCH_ON_CPU = _TorchOnCpu()
+
+
+@dataclass
+class Patch:
+    """One named fix: for each module, attribute -> replacement."""
+
+    name: str
+    why: str
+    targets: dict[str, dict[str, Callable[[], object]]]
+    saved: dict = field(default_factory=dict)
+
+    @staticmethod
+    def _owner(mod_name: str, attr: str):
+        """'Class.method' attributes are patched on the class."""
+        owner = importlib.import_module(mod_name)
+        *path, leaf = attr.split(".")
+        for p in path:
+            owner = getattr(owner, p)
+        return owner, leaf
+
+    def apply(self) -> None:
+        for mod_name, attrs in self.targets.items():
+            for attr, make in attrs.items():
+                if (mod_name, attr) not in self.saved:
+                    owner, leaf = self._owner(mod_name, attr)
+                    orig = owner.__dict__[leaf] if isinstance(owner, type) else getattr(owner, leaf)
+                    self.saved[(mod_name, attr)] = orig
+                    setattr(owner, leaf, make(orig) if _takes_original(make) else make())
+
+    def revert(self) -> None:
+        for (mod_name, attr), orig in self.saved.items():
+            owner, leaf = self._owner(mod_name, attr)
+            setattr(owner, leaf, orig)
+        self.saved.clear()
+
+
+def _takes_original(make) -> bool:
+    return make.__code__.co_argcount == 1
+
+
+def _tensor_cuda_is_identity(method):
+    """Run ``method`` with ``Tensor.cuda`` answering the tensor itself, for that call only."""
+
+    def wrapper(*args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+def _torch_proxy(*modules: str) -> dict[str, dict[str, Callable[[], object]]]:
+    return {m: {"torch": lambda: _TORCH_ON_CPU} for m in modules}
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    # megatron's version asserts param.grad.type() == 'torch.cuda.FloatTensor' before scaling.
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+PATCHES: dict[str, Patch] = {
+    p.name: p
+    for p in [
+        Patch(
+            "rotary_device",
+            "RoPE places inv_freq on torch.cuda.current_device()",
+            _torch_proxy("megatron.core.models.common.embeddings.rotary_pos_embedding"),
+        ),
+        Patch(
+            "rng_tracker",
+            "the model-parallel RNG tracker saves/restores CUDA generator state",
+            _torch_proxy("megatron.core.tensor_parallel.random")
+            | {
+                "megatron.core.tensor_parallel.random": {
+                    "torch": lambda: _TORCH_ON_CPU,
+                    "_get_cuda_rng_state": lambda: (lambda *a, **k: torch.get_rng_state()),
+                    "_set_cuda_rng_state": lambda: (lambda state, *a, **k: torch.set_rng_state(state)),
+                }
+            },
+        ),
+        Patch(
+            "schedule_device",
+            'pipeline schedules allocate their token counter with device="cuda"',
+            _torch_proxy("megatron.core.pipeline_parallel.schedules"),
+        ),
+        Patch(
+            "p2p_device",
+            "pipeline p2p allocates receive buffers on current_device() and calls cuda.synchronize()",
+            _torch_proxy("megatron.core.pipeline_parallel.p2p_communication"),
+        ),
+        Patch(
+            "causal_mask",
+            'the default causal mask (attention_mask=None) is built with device="cuda"',
+            _torch_proxy("megatron.core.transformer.utils"),
+        ),
+        Patch(
+            "ddp_buffers",
+            "DDP's contiguous grad buffers are allocated on current_device()",
+            _torch_proxy("megatron.core.distributed.param_and_grad_buffer"),
+        ),
+        Patch(
+            "optimizer_device",
+            'the optimizer builds its loss-scale/overflow tensors with device="cuda"',
+            _torch_proxy("megatron.core.optimizer.optimizer"),
+        ),
+        Patch(
+            "clip_grads_device",
+            "grad-norm computation allocates its buffers with device='cuda'",
+            _torch_proxy("megatron.core.optimizer.clip_grads"),
+        ),
+        Patch(
+            "clip_grads_type_check",
+            "grad clipping asserts every grad is a 'torch.cuda.FloatTensor'",
+            # optimizer.py imported the function by name, so it is replaced there.
+            {
+                "megatron.core.optimizer.optimizer": {
+                    "clip_grad_by_total_norm_fp32": lambda: _clip_grad_by_total_norm_fp32,
+                },
+            },
+        ),
+        Patch(
+            "tied_embedding_sync",
+            "PP stages sharing the embedding move it with weight.data.cuda() before all-reduce",
+            {
+                "megatron.core.models.common.language_module.language_module": {
+                    "LanguageModule.setup_embeddings_and_output_layer": _tensor_cuda_is_identity,
+                }
+            },
+        ),
+        Patch(
+            "memory_buffer",
+            "core attention's global scratch buffer is allocated on current_device()",
+            _torch_proxy("megatron.core.utils"),
+        ),
+    ]
+}
+
+_applied = False
+
+
+def needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Apply every patch once, if CUDA is absent. Returns whether patches are active."""
+    global _applied
+    if not needed():
+        return False
+    if not _applied:
+        for p in PATCHES.values():
+            p.apply()
+        _applied = True
+    return True
+
+
+@contextlib.contextmanager
+def without(name: str) -> Iterator[None]:
+    """Temporarily remove one patch (tests use it to prove the patch is still needed)."""
+    patch = PATCHES[name]
+    patch.revert()
+    try:
+        yield
+    finally:
+        if _applied:
+            patch.apply()
