@@ -1,0 +1,26 @@
+"""Advantage estimators, advantage shapers and policy losses as pure tensor functions.
+
+No torch.distributed or Megatron imports here: the trainer passes global normalisers in.
+Importing this package registers every built-in algorithm (see registry.py).
+"""
+
+from . import advantages, less  # noqa: F401  (registration)
+from .registry import (
+    get_advantage,
+    get_policy_loss,
+    get_shaper,
+    list_registered,
+    register_advantage,
+    register_policy_loss,
+    register_shaper,
+)
+
+__all__ = [
+    "get_advantage",
+    "get_policy_loss",
+    "get_shaper",
+    "list_registered",
+    "register_advantage",
+    "register_policy_loss",
+    "register_shaper",
+]

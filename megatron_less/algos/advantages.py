@@ -1,0 +1,64 @@
+"""Group-relative advantage estimators: rewards [B] + group_index [B] -> advantages [B].
+
+Responses of one prompt share a group index; groups may be interleaved and of unequal size.
+Statistics are computed in float64 and the result is returned in the rewards' float dtype
+(float32 for integer/bool rewards). A group whose rewards are all equal (a singleton included)
+gets exactly zero: no signal, and no 0/0 or rounding residue from (r - mean).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import register_advantage
+
+
+def _group_stats(rewards: torch.Tensor, group_index: torch.Tensor):
+    if rewards.dim() != 1 or group_index.shape != rewards.shape:
+        raise ValueError(f"rewards and group_index must both be [B]; got {tuple(rewards.shape)}, {tuple(group_index.shape)}")
+    r = rewards.detach().to(torch.float64)
+    _, gid = torch.unique(group_index, return_inverse=True)
+    n_groups = int(gid.max()) + 1 if gid.numel() else 0
+    count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, gid, torch.ones_like(r))
+    total = torch.zeros_like(count).index_add_(0, gid, r)
+    mean = total / count
+    centred = r - mean[gid]
+    hi = torch.full_like(count, -torch.inf).scatter_reduce_(0, gid, r, "amax")
+    lo = torch.full_like(count, torch.inf).scatter_reduce_(0, gid, r, "amin")
+    flat = (hi == lo)[gid]
+    return gid, count, centred, flat
+
+
+def _out_dtype(rewards: torch.Tensor) -> torch.dtype:
+    return rewards.dtype if rewards.is_floating_point() else torch.float32
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: torch.Tensor, group_index: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean) / (std + eps), std unbiased (as verl's GRPO)."""
+    gid, count, centred, flat = _group_stats(rewards, group_index)
+    sq = torch.zeros_like(count).index_add_(0, gid, centred * centred)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()
+    adv = centred / (std[gid] + eps)
+    return torch.where(flat, torch.zeros_like(adv), adv).to(_out_dtype(rewards))
+
+
+@register_advantage("drgrpo")
+def drgrpo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """r - mean (Dr. GRPO: no std normalisation, which biases towards easy/hard prompts)."""
+    _, _, centred, flat = _group_stats(rewards, group_index)
+    return torch.where(flat, torch.zeros_like(centred), centred).to(_out_dtype(rewards))
+
+
+@register_advantage("rloo")
+def rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean)."""
+    gid, count, centred, flat = _group_stats(rewards, group_index)
+    n = count[gid]
+    adv = centred * n / (n - 1).clamp(min=1)
+    return torch.where(flat, torch.zeros_like(adv), adv).to(_out_dtype(rewards))
+
+
+@register_advantage("dr_grpo")
+def _drgrpo_alias(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    return drgrpo_advantages(rewards, group_index)

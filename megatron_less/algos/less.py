@@ -1,0 +1,491 @@
+"""LESS: Low-Entropy Segment Shaping of GRPO advantages (the exact rule: less-spec.md).
+
+`less_token_weights` returns the per-token weight w of the spec; shaped advantages are
+``w * A[:, None]``. The whole batch is processed at once with numpy: no Python loop over groups
+or responses.
+
+How carriers are found without comparing every key with every window:
+  * every segment is a key; identical keys of a group are merged first (sorted by a full-length
+    hash, then compared token by token), so each distinct sequence is searched for once;
+  * K can only occur at a window whose first `mu` tokens equal K's first `mu` tokens, so one hash of
+    every mu-token window of the batch, looked up in a bitmap of key prefixes, gives a short list of
+    candidate positions; a full-length hash then drops most wrong (key, position) pairs in O(1);
+  * every remaining pair is compared token by token, so a hash collision can cost time but never
+    change a weight. Pairs already compared while merging identical keys are not compared twice.
+Hashes are polynomial mod 2**64 over prefix sums (uint64 wrap-around), so the hash of any window
+is O(1) from two prefix values; the group id is folded into the token values so that windows of
+different prompts rarely meet, and group equality is re-checked exactly anyway.
+
+Speed notes (2-core VM): passes over the whole batch run in L2-sized chunks, and large scratch
+arrays are kept between calls, because first-touching fresh memory there costs more than the
+arithmetic. `release_workspace()` frees them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from .registry import register_shaper
+
+_BASE = 0x9E3779B97F4A7C15  # odd, so invertible mod 2**64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+_SALT = np.uint64(0xD6E8FEB86659FD93)
+_CHUNK = 1 << 16  # elements per step of a pass over the batch (fits L2 with its temporaries)
+_MAX_MASS = 1 << 23  # pairs / tokens expanded at once: bounds memory on degenerate batches
+_lock = threading.Lock()
+
+
+class _Workspace:
+    """Scratch arrays reused across calls, by name."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, n: int, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        buf = self.bufs.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < n:
+            grow = buf.size + buf.size // 4 if buf is not None and buf.dtype == dtype else 0
+            buf = self.bufs[name] = np.empty(max(n, grow), dtype=dtype)
+        return buf[:n]
+
+
+_ws = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the scratch memory kept between calls (about 30 bytes per token of the largest batch)."""
+    with _lock:
+        _ws.bufs.clear()
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """BASE**i and BASE**-i mod 2**64 for i < n, cached (and recomputed when _BASE changes)."""
+    pw, inv = _ws.bufs.get("pw"), _ws.bufs.get("inv")
+    if pw is None or pw.size < n or int(pw[1]) != _BASE % (1 << 64):
+        m = max(n, 1 << 16)
+        pw = _ws.bufs["pw"] = np.full(m, _BASE, dtype=np.uint64)
+        inv = _ws.bufs["inv"] = np.full(m, _BASE_INV, dtype=np.uint64)
+        pw[0] = inv[0] = 1
+        np.multiply.accumulate(pw, out=pw)
+        np.multiply.accumulate(inv, out=inv)
+    return pw, inv
+
+
+def _expand(starts: np.ndarray, counts: np.ndarray, name: str, step: int = 1) -> np.ndarray:
+    """Concatenation of arange(s, s + c * step, step) over (s, c) pairs, all c >= 1, in workspace `name`."""
+    total = int(counts.sum())
+    out = _ws.get(name, total, np.int64)
+    if total:
+        out.fill(step)
+        out[0] = starts[0]
+        out[np.cumsum(counts[:-1])] = starts[1:] - starts[:-1] - (counts[:-1] - 1) * step
+        np.cumsum(out, out=out)
+    return out
+
+
+def _mass_chunks(idx: np.ndarray, weight: np.ndarray):
+    """Split idx into consecutive pieces of total weight <= _MAX_MASS (a heavier item stands alone)."""
+    if idx.size == 0:
+        return []
+    csum = np.cumsum(weight)
+    cuts = np.searchsorted(csum, np.arange(_MAX_MASS, int(csum[-1]), _MAX_MASS), side="right")
+    return [p for p in np.split(idx, cuts) if p.size]
+
+
+class _Packed:
+    """Token ids packed k to a uint64 word (word p = tokens p .. p+k-1), so that comparing two
+    spans exactly takes ~L/k word comparisons instead of L token comparisons. Built on first use."""
+
+    def __init__(self, tok: np.ndarray, min_len: int) -> None:
+        self.tok, self.min_len, self.words = tok, min_len, None
+        lo, hi = (int(tok.min()), int(tok.max())) if tok.size else (0, 0)
+        bits = max(1, hi.bit_length())
+        self.k = min(64 // bits, min_len) if lo >= 0 else 1
+
+    def get(self) -> np.ndarray:
+        if self.k == 1:
+            return self.tok
+        if self.words is None:
+            tok, k = self.tok.view(np.uint64), self.k
+            bits = np.uint64(64 // k)
+            n = tok.size - k + 1  # words that stay inside the batch; spans never need the others
+            words = self.words = _ws.get("words", max(n, 0), np.uint64)
+            tmp = _ws.get("words_tmp", _CHUNK, np.uint64)
+            for a in range(0, n, _CHUNK):
+                z = min(n, a + _CHUNK)
+                w, x = words[a:z], tmp[: z - a]
+                w[:] = tok[a:z]
+                for i in range(1, k):
+                    np.left_shift(tok[a + i : z + i], bits * np.uint64(i), out=x)
+                    w |= x
+        return self.words
+
+
+def _equal_spans(packed: _Packed, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """tok[a:a+l] == tok[b:b+l] for each triple (l >= packed.min_len), compared exactly."""
+    out = np.ones(a.size, dtype=bool)
+    todo = np.flatnonzero(a != b)
+    if todo.size == 0:
+        return out
+    words, k = packed.get(), packed.k
+    full = lengths // k  # whole words per span; a last, overlapping word covers the remainder
+    for part in _mass_chunks(todo, full[todo]):
+        c, ln, pa, pb = full[part], lengths[part], a[part], b[part]
+        wa = _ws.get("wa", int(c.sum()), words.dtype)
+        wb = _ws.get("wb", wa.size, words.dtype)
+        np.take(words, _expand(pa, c, "ia", k), out=wa, mode="clip")
+        np.take(words, _expand(pb, c, "ia", k), out=wb, mode="clip")
+        differs = _ws.get("ne", wa.size, bool)
+        np.not_equal(wa, wb, out=differs)
+        same = ~np.logical_or.reduceat(differs, np.r_[0, np.cumsum(c[:-1])])
+        tail = np.flatnonzero(ln % k)
+        same[tail] &= words[pa[tail] + ln[tail] - k] == words[pb[tail] + ln[tail] - k]
+        out[part] = same
+    return out
+
+
+def _window_hash(q: np.ndarray, pw: np.ndarray, start: np.ndarray, length) -> np.ndarray:
+    return (q[start + length] - q[start]) * pw[start]
+
+
+def _dedup(packed, starts, lengths, groups, full_hash) -> np.ndarray:
+    """Index of a canonical equal key for every key (equal = same group, length and tokens)."""
+    rep = np.arange(starts.size)
+    mixed = full_hash + lengths.astype(np.uint64) * _SALT
+    order = np.argsort(mixed)
+    h = mixed[order]
+    new_run = np.r_[True, h[1:] != h[:-1]]
+    leader = order[np.flatnonzero(new_run)][np.cumsum(new_run) - 1]
+    member = leader != order
+    lead, memb = leader[member], order[member]
+    same = (groups[lead] == groups[memb]) & (lengths[lead] == lengths[memb])
+    same[same] = _equal_spans(packed, starts[lead[same]], starts[memb[same]], lengths[memb[same]])
+    rep[memb[same]] = lead[same]
+    failed = memb[~same]  # hash collisions: sort those out among themselves
+    if failed.size:
+        rep[failed] = failed[_dedup(packed, starts[failed], lengths[failed], groups[failed], full_hash[failed])]
+    return rep
+
+
+def _dense_ids(x: np.ndarray) -> np.ndarray:
+    """0..K-1 labels of the distinct values of x."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    ids = np.zeros(x.size, dtype=np.int64)
+    if x.size:
+        ids[order] = np.cumsum(np.r_[False, xs[1:] != xs[:-1]])
+    return ids
+
+
+def _thresholds(ent: np.ndarray, lengths: np.ndarray, rows: np.ndarray, quantile: float) -> np.ndarray:
+    """tau of spec step 1 for the given rows (each with length >= 1)."""
+    ln = lengths[rows]
+    k = np.minimum(np.rint(quantile * ln.astype(np.float64)), ln - 1).astype(np.int64)
+    tau = np.empty(rows.size, dtype=ent.dtype)
+    order = np.argsort(k, kind="stable")
+    for idx in np.split(order, np.flatnonzero(np.diff(k[order])) + 1):
+        kk, width = int(k[idx[0]]), int(ln[idx].max())
+        sub = _ws.get("part", idx.size * width, ent.dtype).reshape(idx.size, width)
+        np.take(ent[:, :width], rows[idx], axis=0, out=sub)
+        if (ln[idx] < width).any():  # padding must sort last so that index kk falls on a valid token
+            np.copyto(sub, np.inf, where=np.arange(width) >= ln[idx][:, None])
+        sub.partition(kk, axis=1)
+        tau[idx] = sub[:, kk]
+    return tau
+
+
+def _to_numpy(token_ids, entropy, response_mask, correct, group_index):
+    if token_ids.dim() != 2 or entropy.shape != token_ids.shape or response_mask.shape != token_ids.shape:
+        raise ValueError(
+            f"token_ids, entropy and response_mask must share one [B, T] shape; got "
+            f"{tuple(token_ids.shape)}, {tuple(entropy.shape)}, {tuple(response_mask.shape)}"
+        )
+    b = token_ids.shape[0]
+    if correct.shape != (b,) or group_index.shape != (b,):
+        raise ValueError(f"correct and group_index must be [B] = [{b}]; got {tuple(correct.shape)}, {tuple(group_index.shape)}")
+    tok = token_ids.detach().cpu().contiguous().numpy().astype(np.int64, copy=False)
+    ent = entropy.detach().cpu()
+    if ent.dtype not in (torch.float32, torch.float64):
+        ent = ent.float()  # exact for fp16 / bf16, which numpy cannot compare natively
+    ent = ent.contiguous().numpy()
+    mask = response_mask.detach().cpu().contiguous().numpy().astype(bool, copy=False)
+    corr = correct.detach().cpu().numpy().astype(bool)
+    gid = _dense_ids(group_index.detach().cpu().numpy())
+    return tok, ent, mask, corr, gid
+
+
+def less_token_weights(
+    token_ids: torch.Tensor,
+    entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    correct: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    mu: int = 5,
+    quantile: float = 0.8,
+    return_stats: bool = False,
+):
+    """Per-token LESS weights, float32 [B, T] on CPU (0 on padding), exactly as in the spec.
+
+    token_ids [B, T] int, entropy [B, T] float (finite; of the sampling policy), response_mask
+    [B, T] bool, left-aligned; correct [B] bool; group_index [B] int (one id per prompt; groups may
+    be interleaved and of any size). The result does not depend on the order of rows.
+    With ``return_stats=True`` returns ``(weights, stats)``, a dict of floats for training logs:
+    see `_stats`.
+    """
+    if mu < 1:
+        raise ValueError(f"mu must be >= 1, got {mu}")
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    arrays = _to_numpy(token_ids, entropy, response_mask, correct, group_index)
+    with _lock:
+        weights, stats = _less(*arrays, mu, quantile, return_stats)
+    w = torch.from_numpy(weights)
+    return (w, stats) if return_stats else w
+
+
+def _less(tok, ent, mask, corr, gid, mu, quantile, want_stats):
+    b, t = tok.shape
+    lengths = np.count_nonzero(mask, axis=1)
+    if t > 1:
+        rising = _ws.get("rising", b * (t - 1), bool).reshape(b, t - 1)
+        if np.less(mask[:, :-1], mask[:, 1:], out=rising).any():
+            raise ValueError("response_mask must be left-aligned (valid tokens first, then padding)")
+
+    n_groups = int(gid.max()) + 1 if b else 0
+    n_c = np.bincount(gid, weights=corr, minlength=n_groups)
+    n_w = np.bincount(gid, minlength=n_groups) - n_c
+    shaped = (n_c[gid] > 0) & (n_w[gid] > 0)  # step 8: other groups keep w = 1
+    with np.errstate(divide="ignore"):
+        default = np.where(shaped, np.where(corr, 1.0 / n_c[gid], 1.0 / n_w[gid]), 1.0).astype(np.float32)
+
+    # Unshaped rows: tau = -inf makes every token "high" (w = 1) and none segment-low.
+    tau = np.full(b, -np.inf, dtype=ent.dtype)
+    rows = np.flatnonzero(shaped & (lengths > 0))
+    if rows.size:
+        tau[rows] = _thresholds(ent, lengths, rows, quantile)
+    high = _ws.get("high", b * t, bool).reshape(b, t)
+    np.greater(ent, tau[:, None], out=high)
+    weights = np.where(high, np.float32(1.0), default[:, None])
+    np.multiply(weights, mask, out=weights)
+
+    # Segments (step 4): runs of valid tokens with H < tau, found on a zero-framed copy so that
+    # runs never cross rows and transitions come in (start, end) pairs.
+    framed = _ws.get("framed", b * (t + 2), bool).reshape(b, t + 2)
+    framed[:, 0] = framed[:, -1] = False
+    np.less(ent, tau[:, None], out=framed[:, 1:-1])
+    np.logical_and(framed[:, 1:-1], mask, out=framed[:, 1:-1])
+    flat = framed.reshape(-1)
+    change = _ws.get("change", max(flat.size - 1, 0), bool)
+    np.not_equal(flat[1:], flat[:-1], out=change)
+    edges = np.flatnonzero(change) + 1
+    starts, run_len = edges[0::2], edges[1::2] - edges[0::2]
+    keep = run_len >= mu
+    seg_row = starts[keep] // (t + 2)
+    seg_f = seg_row * t + (starts[keep] - seg_row * (t + 2) - 1)  # flat index into [B, T]
+    seg_len = run_len[keep]
+
+    cls = None
+    if want_stats:
+        cls = _ws.get("cls", b * t, np.int8)
+        cls.fill(0)
+    kinds = _cover(tok, gid, corr, n_c, n_w, seg_f, seg_len, mu, weights.reshape(-1), cls)
+    if not want_stats:
+        return weights, None
+    np.logical_and(high, mask, out=high)
+    return weights, _stats(weights, high, lengths, shaped, corr, default, seg_len, gid, kinds, cls)
+
+
+def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
+    """Steps 5-6: find the clusters and write their weights into w_flat (and classes into cls).
+
+    Returns the kind of every distinct key: 0 no cluster, 1 correct-only, 2 incorrect-only, 3 shared.
+    """
+    if seg_f.size == 0:
+        return np.zeros(0, dtype=np.int8)
+    b, t = tok2d.shape
+    n = b * t
+    tok = tok2d.reshape(-1)
+    pw, inv = _powers(n + 1)
+
+    # q[i] = sum_{k < i} x_k * BASE**-k, x = token + salt(group), so that a window's hash
+    # (q[p + L] - q[p]) * BASE**p does not depend on where the window sits.
+    q = _ws.get("q", n + 1, np.uint64)
+    q[0] = 0
+    salt = (gid.astype(np.uint64) + np.uint64(1)) * _SALT
+    step = max(1, _CHUNK // t)
+    for r0 in range(0, b, step):
+        r1 = min(b, r0 + step)
+        part = q[r0 * t + 1 : r1 * t + 1]
+        np.add(tok2d[r0:r1].view(np.uint64), salt[r0:r1, None], out=part.reshape(r1 - r0, t))
+        np.multiply(part, inv[r0 * t : r1 * t], out=part)
+        np.cumsum(part, out=part)
+        part += q[r0 * t]
+
+    seg_g = gid[seg_f // t]
+    packed = _Packed(tok, mu)
+    rep = _dedup(packed, seg_f, seg_len, seg_g, _window_hash(q, pw, seg_f, seg_len))
+    keys = np.flatnonzero(rep == np.arange(rep.size))
+    seg_key = np.searchsorted(keys, rep)  # key index of each segment's class
+    k_f, k_len, k_g = seg_f[keys], seg_len[keys], seg_g[keys]
+    k_full = _window_hash(q, pw, k_f, k_len)
+    k_head = _window_hash(q, pw, k_f, mu)
+
+    # Candidate positions: windows whose mu-gram hash hits the bitmap of key heads.
+    bits = int(np.clip(np.ceil(np.log2(keys.size * 32.0)), 12, 24))
+    shift = np.uint64(64 - bits)
+    bitmap = _ws.get("bitmap", 1 << bits, bool)
+    bitmap.fill(False)
+    bitmap[(k_head >> shift).view(np.int64)] = True
+    m = n - mu + 1
+    hit = _ws.get("hit", m, bool)
+    h_buf = _ws.get("h", _CHUNK, np.uint64)
+    for a in range(0, m, _CHUNK):
+        z = min(m, a + _CHUNK)
+        h = h_buf[: z - a]
+        np.subtract(q[a + mu : z + mu], q[a:z], out=h)
+        np.multiply(h, pw[a:z], out=h)
+        np.right_shift(h, shift, out=h)
+        np.take(bitmap, h.view(np.int64), out=hit[a:z], mode="clip")
+    cand = np.flatnonzero(hit)
+    # Windows are searched only inside one copy of each distinct segment (its "host"); matches are
+    # then replicated to the other copies, which _dedup proved identical.
+    host = np.searchsorted(k_f, cand, side="right") - 1
+    room = np.where(host >= 0, k_f[host] + k_len[host] - cand, 0)
+    inside = room >= mu
+    cand, host, room = cand[inside], host[inside], room[inside]
+    c_head = _window_hash(q, pw, cand, mu)
+
+    # Join candidates with keys on the exact head hash, through buckets of sorted heads.
+    by_head = np.argsort(k_head)
+    heads = k_head[by_head]
+    jb = int(np.clip(np.ceil(np.log2(keys.size + 1)), 4, 22))
+    bshift = np.uint64(64 - jb)
+    bucket_start = np.searchsorted((heads >> bshift).view(np.int64), np.arange((1 << jb) + 1))
+    cb = (c_head >> bshift).view(np.int64)
+    lo = bucket_start[cb]
+    cnt = bucket_start[cb + 1] - lo
+    some = np.flatnonzero(cnt)
+    m_key, m_host, m_off = [], [], []
+    for part in _mass_chunks(some, cnt[some]):
+        c = cnt[part]
+        hidx = _expand(lo[part], c, "pairs")
+        same = heads[hidx] == np.repeat(c_head[part], c)
+        key = by_head[hidx[same]]
+        pos, hs = np.repeat(cand[part], c)[same], np.repeat(host[part], c)[same]
+        ln = k_len[key]
+        fits = ln <= np.repeat(room[part], c)[same]
+        key, pos, hs, ln = key[fits], pos[fits], hs[fits], ln[fits]
+        off = pos - k_f[hs]
+        known = (off == 0) & (hs == key)
+        # A distinct key of the same length at a host's start cannot match it.
+        check = ~known & ~((off == 0) & (k_len[hs] == ln)) & (k_g[hs] == k_g[key])
+        check[check] &= _window_hash(q, pw, pos[check], ln[check]) == k_full[key[check]]
+        check[check] = _equal_spans(packed, k_f[key[check]], pos[check], ln[check])
+        ok = known | check
+        m_key.append(key[ok])
+        m_host.append(hs[ok])
+        m_off.append(off[ok])
+    m_key, m_host, m_off = np.concatenate(m_key), np.concatenate(m_host), np.concatenate(m_off)
+    copies = np.argsort(seg_key, kind="stable")
+    n_copies = np.bincount(seg_key, minlength=keys.size)
+    c = n_copies[m_host]
+    occ_key = np.repeat(m_key, c)
+    occ_pos = seg_f[copies[_expand((np.cumsum(n_copies) - n_copies)[m_host], c, "copies")]] + np.repeat(m_off, c)
+
+    # Carriers: distinct responses among each key's occurrences (its own included).
+    code = np.sort(occ_key * b + occ_pos // t)
+    code = code[np.r_[True, code[1:] != code[:-1]]]
+    p_key, p_row = code // b, code % b
+    carriers = np.bincount(p_key, minlength=keys.size)
+    right = np.bincount(p_key, weights=corr[p_row], minlength=keys.size)
+    kinds = np.where(carriers < 2, 0, np.where(right == carriers, 1, np.where(right == 0, 2, 3))).astype(np.int8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(kinds == 1, carriers / n_c[k_g], np.where(kinds == 2, carriers / n_w[k_g], np.inf))
+    value = value.astype(np.float32)  # "largest" is decided on the float32 weights written
+
+    # Step 6 without a scatter-max: per weight level, merge the level's intervals into disjoint
+    # ones, then write levels in increasing order, shared (inf, written as 0) last.
+    sel = kinds[occ_key] > 0
+    occ_key, occ_pos = occ_key[sel], occ_pos[sel]
+    if occ_key.size == 0:
+        return kinds
+    vals = value[occ_key]
+    levels = np.sort(vals)
+    levels = levels[np.r_[True, levels[1:] != levels[:-1]]]
+    s = np.searchsorted(levels, vals) * (n + 1) + occ_pos
+    order = np.argsort(s)
+    s = s[order]
+    e = np.maximum.accumulate(s + k_len[occ_key[order]])
+    first = np.flatnonzero(np.r_[True, s[1:] > e[:-1]])
+    ms = s[first]
+    me = e[np.r_[first[1:] - 1, s.size - 1]]
+    level = ms // (n + 1)
+    for lv in range(levels.size):
+        a, z = np.searchsorted(level, [lv, lv + 1])
+        v = levels[lv]
+        for part in _mass_chunks(np.arange(a, z), (me - ms)[a:z]):
+            idx = _expand(ms[part] - lv * (n + 1), (me - ms)[part], "cover")
+            w_flat[idx] = 0.0 if np.isinf(v) else v
+            if cls is not None:
+                cls[idx] = 3 if np.isinf(v) else 1
+    return kinds
+
+
+def _stats(weights, high, lengths, shaped, corr, default, seg_len, gid, kinds, cls):
+    """Diagnostics (floats). Token fractions and mean weights are over the groups LESS shapes
+    (N_c > 0 and N_w > 0); clusters are counted once per distinct (group, token sequence)."""
+    b, t = weights.shape
+    rows = shaped & (lengths > 0)
+    n_tok = float(lengths[rows].sum())
+    n_high = np.where(rows, np.count_nonzero(high, axis=1), 0)
+    n_low = np.where(rows, lengths - n_high, 0)
+    cls = cls.reshape(b, t)
+    covered = np.count_nonzero(cls, axis=1)
+    shared = (cls.sum(axis=1, dtype=np.int64) - covered) // 2  # classes are 1 (weighted) and 3 (shared)
+    weighted = covered - shared
+    # Shared tokens weigh 0, so the covered tokens' weight is the weighted ones'.
+    w_covered = np.add.reduce(weights, axis=1, dtype=np.float64, where=cls != 0)
+    uncovered_low = n_low - covered
+    ratio = lambda num, den: float(num) / float(den) if den else 0.0  # noqa: E731
+    return {
+        "groups": float(gid.max() + 1) if b else 0.0,
+        "groups_shaped": float(np.unique(gid[shaped]).size),
+        "tokens_shaped": n_tok,
+        "frac_high_entropy": ratio(n_high.sum(), n_tok),
+        "frac_low_entropy": ratio(n_low.sum(), n_tok),
+        "frac_in_segment": ratio(seg_len.sum(), n_tok),
+        "clusters_correct_only": float((kinds == 1).sum()),
+        "clusters_incorrect_only": float((kinds == 2).sum()),
+        "clusters_shared": float((kinds == 3).sum()),
+        "frac_tokens_correct_only": ratio(weighted[corr].sum(), n_tok),
+        "frac_tokens_incorrect_only": ratio(weighted[~corr].sum(), n_tok),
+        "frac_tokens_shared": ratio(shared.sum(), n_tok),
+        "mean_weight": ratio(weights.sum(axis=1, dtype=np.float64)[rows].sum(), n_tok),
+        "mean_weight_default": ratio((uncovered_low * default.astype(np.float64)).sum(), uncovered_low.sum()),
+        "mean_weight_correct_only": ratio(w_covered[corr].sum(), weighted[corr].sum()),
+        "mean_weight_incorrect_only": ratio(w_covered[~corr].sum(), weighted[~corr].sum()),
+    }
+
+
+@register_shaper("less")
+def less_shaper(advantages: torch.Tensor, batch, *, mu: int = 5, quantile: float = 0.8):
+    """GRPO + LESS: advantages [B] -> token advantages [B, T] = w * A[:, None], plus LESS stats.
+
+    `batch` needs token_ids, entropy (of the sampling policy), response_mask, correct, group_index.
+    """
+    w, stats = less_token_weights(
+        batch["token_ids"],
+        batch["entropy"],
+        batch["response_mask"],
+        batch["correct"],
+        batch["group_index"],
+        mu=mu,
+        quantile=quantile,
+        return_stats=True,
+    )
+    return w.to(advantages.device, advantages.dtype) * advantages[:, None], stats

@@ -1,0 +1,208 @@
+"""LESS weights against the brute-force oracle (tests/less_oracle.py) and the spec's worked example."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    from tests import less_oracle
+except ImportError:  # tests/ run as a plain directory
+    import less_oracle
+from megatron_less.algos import less
+from megatron_less.algos.advantages import grpo_advantages
+from megatron_less.algos.less import less_token_weights
+
+ENTROPY_LEVELS = np.array([0.05, 0.1, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0], dtype=np.float32)
+
+
+def random_batch(rng, n_groups, *, max_size=7, max_len=40, vocab=4):
+    """Groups of unequal size built from a few planted phrases, so that correct-only,
+    incorrect-only and shared sub-sequences all occur; entropies come from a handful of values so
+    that ties at the threshold are common; rows of different groups are interleaved."""
+    rows = []
+    for g in range(n_groups):
+        size = int(rng.integers(1, max_size + 1))
+        phrases = [rng.integers(0, vocab, size=int(rng.integers(1, 9))) for _ in range(3)]
+        kind = rng.random()
+        for _ in range(size):
+            n = int(rng.choice([0, 1, 2, 5, int(rng.integers(0, max_len + 1)), max_len]))
+            toks, ents = [], []
+            while len(toks) < n:
+                if rng.random() < 0.6:
+                    p = phrases[int(rng.integers(len(phrases)))]
+                    toks += p.tolist()
+                    ents += rng.choice(ENTROPY_LEVELS[:4], size=p.size).tolist()
+                toks.append(int(rng.integers(vocab)))
+                ents.append(float(rng.choice(ENTROPY_LEVELS)))
+            correct = True if kind < 0.1 else False if kind < 0.2 else bool(rng.random() < 0.5)
+            rows.append((toks[:n], ents[:n], correct, g))
+    order = rng.permutation(len(rows))
+    ids = rng.choice(10**12, size=n_groups, replace=False)
+    t = max([len(r[0]) for r in rows] + [0])
+    tok = torch.full((len(rows), t), 7, dtype=torch.long)  # padding ids that could match if not masked
+    ent = torch.full((len(rows), t), 0.01)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    correct = torch.zeros(len(rows), dtype=torch.bool)
+    group = torch.zeros(len(rows), dtype=torch.long)
+    for i, j in enumerate(order):
+        tk, en, c, g = rows[j]
+        tok[i, : len(tk)] = torch.tensor(tk, dtype=torch.long)
+        ent[i, : len(en)] = torch.tensor(en, dtype=torch.float32)
+        mask[i, : len(tk)] = True
+        correct[i] = c
+        group[i] = int(ids[g])
+    return tok, ent, mask, correct, group
+
+
+def check_against_oracle(batch, mu, q):
+    w, stats = less_token_weights(*batch, mu=mu, quantile=q, return_stats=True)
+    expect, infos = less_oracle.batch_weights(*batch, mu=mu, q=q)
+    torch.testing.assert_close(w, torch.tensor(expect, dtype=torch.float32).reshape(w.shape), rtol=0, atol=1e-7)
+
+    # The diagnostics too: distinct clusters per kind and covered tokens per class.
+    kinds = {"correct_only": 0, "incorrect_only": 0, "shared": 0}
+    classes = dict.fromkeys(kinds, 0)
+    for info in infos.values():
+        if info is None:
+            continue
+        for _, kind in info["clusters"]:
+            kinds[kind] += 1
+        for cl in info["classes"]:
+            for c in cl:
+                classes[c] = classes.get(c, 0) + 1
+    for kind, n in kinds.items():
+        assert stats[f"clusters_{kind}"] == n, kind
+        assert stats[f"frac_tokens_{kind}"] * stats["tokens_shaped"] == pytest.approx(classes[kind])
+    return w
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("mu,q", [(5, 0.8), (3, 0.8), (2, 0.5), (1, 0.8), (4, 1.0), (3, 0.0), (6, 0.3)])
+def test_random_groups_match_oracle(seed, mu, q):
+    rng = np.random.default_rng(1000 * seed + mu)
+    check_against_oracle(random_batch(rng, 12), mu, q)
+
+
+def test_long_responses_with_large_vocab_match_oracle():
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        check_against_oracle(random_batch(rng, 6, max_size=8, max_len=300, vocab=50), 5, 0.8)
+
+
+def test_segment_length_boundary():
+    """A run of mu - 1 low tokens is no segment; a run of mu is (here shared, so neutralised)."""
+    mu = 4
+    for run in (mu - 1, mu):
+        batch = (
+            torch.tensor([[1] * run + [9], [1] * run + [8]]),
+            torch.tensor([[0.1] * run + [5.0]] * 2),
+            torch.ones(2, run + 1, dtype=torch.bool),
+            torch.tensor([True, False]),
+            torch.tensor([0, 0]),
+        )
+        w = less_token_weights(*batch, mu=mu, quantile=0.8)
+        # tau is the largest entropy (index L - 1), so the last token is low (== tau) but in no
+        # segment, and keeps the default 1 / 1.
+        assert w[:, :run].eq(0.0 if run >= mu else 1.0).all(), (run, w)
+        assert w[:, run].eq(1.0).all()
+
+
+def test_worked_example_exact_table():
+    tokens = [
+        [5, 6, 7, 8, 1, 9, 9, 9, 2, 4],
+        [5, 6, 7, 8, 3, 9, 9, 9, 4, 4],
+        [7, 7, 7, 7, 1, 9, 9, 9, 2, 2],
+        [7, 7, 7, 7, 3, 6, 6, 6, 2, 2],
+    ]
+    ent = [
+        [0.1, 0.1, 0.1, 0.1, 3, 0.1, 0.1, 0.1, 2, 0.1],
+        [0.1, 0.1, 0.1, 0.1, 3, 0.2, 0.2, 0.2, 2, 0.1],
+        [0.1, 0.1, 0.1, 0.1, 3, 0.1, 0.1, 0.1, 2, 0.1],
+        [0.1, 0.1, 0.1, 0.1, 3, 0.1, 0.1, 0.1, 2, 0.1],
+    ]
+    table = [
+        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
+        [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5],
+    ]
+    batch = (
+        torch.tensor(tokens),
+        torch.tensor(ent),
+        torch.ones(4, 10, dtype=torch.bool),
+        torch.tensor([True, True, False, False]),
+        torch.zeros(4, dtype=torch.long),
+    )
+    w, stats = less_token_weights(*batch, mu=3, quantile=0.8, return_stats=True)
+    assert w.tolist() == table
+    assert (stats["clusters_correct_only"], stats["clusters_incorrect_only"], stats["clusters_shared"]) == (1, 1, 1)
+    assert stats["frac_high_entropy"] == pytest.approx(0.1)
+    assert stats["frac_low_entropy"] == pytest.approx(0.9)
+    # Shaped advantages with GRPO's +-0.866 (unbiased std).
+    adv = grpo_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long))
+    shaped = w * adv[:, None]
+    assert shaped[0, 0].item() == pytest.approx(0.866, abs=1e-3)
+    assert shaped[3, 5].item() == pytest.approx(-0.433, abs=1e-3)
+
+
+def test_invariant_to_permuting_responses_and_groups():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        batch = random_batch(rng, 10)
+        w = less_token_weights(*batch, mu=3)
+        perm = torch.from_numpy(rng.permutation(batch[0].shape[0]))
+        relabel = {int(g): int(rng.integers(-(10**9), 10**9)) for g in batch[4].unique()}
+        group = torch.tensor([relabel[int(g)] for g in batch[4]])
+        w2 = less_token_weights(batch[0][perm], batch[1][perm], batch[2][perm], batch[3][perm], group[perm], mu=3)
+        assert torch.equal(w2, w[perm])
+
+
+def test_unshaped_groups_and_edge_shapes():
+    # All-correct and all-incorrect groups: w = 1 on valid tokens, 0 on padding.
+    tok = torch.tensor([[1, 2, 3, 0], [1, 2, 3, 4], [1, 2, 3, 4]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    w = less_token_weights(tok, torch.full((3, 4), 0.1), mask, torch.tensor([True, True, False]), torch.tensor([0, 0, 1]))
+    assert w.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+    # Empty batch, zero-length responses, one-token responses.
+    assert less_token_weights(*(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool)), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)).shape == (0, 5)
+    w = less_token_weights(
+        torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool), torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.long)
+    )
+    assert w.shape == (3, 0)
+    w = less_token_weights(
+        torch.tensor([[4, 0], [4, 0], [0, 0]]),
+        torch.tensor([[0.3, 0.0], [0.3, 0.0], [0.0, 0.0]]),
+        torch.tensor([[1, 0], [1, 0], [0, 0]], dtype=torch.bool),
+        torch.tensor([True, False, False]),
+        torch.zeros(3, dtype=torch.long),
+    )
+    assert w.tolist() == [[1.0, 0.0], [0.5, 0.0], [0.0, 0.0]]  # a lone token is low (== tau): 1/N
+
+
+def test_hash_collisions_never_change_weights(monkeypatch):
+    """With base 1 every window hash is the sum of its tokens: collisions everywhere."""
+    monkeypatch.setattr(less, "_BASE", 1)
+    monkeypatch.setattr(less, "_BASE_INV", 1)
+    rng = np.random.default_rng(11)
+    for mu in (1, 3, 5):
+        check_against_oracle(random_batch(rng, 10, vocab=6), mu, 0.8)
+
+
+def test_rejects_bad_inputs():
+    ok = (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.tensor([True, False]), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="left-aligned"):
+        less_token_weights(ok[0], ok[1], torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool), *ok[3:])
+    with pytest.raises(ValueError, match="shape"):
+        less_token_weights(ok[0], ok[1][:, :2], *ok[2:])
+    with pytest.raises(ValueError, match="mu"):
+        less_token_weights(*ok, mu=0)
+
+
+def test_half_precision_entropy_is_compared_exactly():
+    rng = np.random.default_rng(5)
+    tok, ent, mask, correct, group = random_batch(rng, 8)
+    ent16 = ent.to(torch.bfloat16)
+    w = less_token_weights(tok, ent16, mask, correct, group, mu=3)
+    torch.testing.assert_close(w, less_token_weights(tok, ent16.float(), mask, correct, group, mu=3), rtol=0, atol=0)
