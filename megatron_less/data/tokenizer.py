@@ -1,0 +1,50 @@
+"""Load a tokenizer once per process and share it (rollout, reward masking and eval all need
+the same one, and ``from_pretrained`` re-reads and re-parses the files each time)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".model":
+        return _from_sentencepiece_file(p)
+    if not p.exists() and ("/" not in path or path.startswith((".", "/"))):
+        raise FileNotFoundError(f"tokenizer path {path!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # batched generation and padding need one
+    return tok
+
+
+def _from_sentencepiece_file(model: Path):
+    """A bare SentencePiece ``.model``: load it as Llama-family checkpoints ship one (the
+    tokenizer is converted in memory, so the temporary folder can go afterwards)."""
+    import json
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        os.symlink(model.resolve(), os.path.join(d, "tokenizer.model"))
+        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer"}, f)
+        return AutoTokenizer.from_pretrained(d)
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """A HF tokenizer from a folder (tokenizer.json, or SentencePiece tokenizer.model with its
+    config), a bare ``.model`` SentencePiece file, or a hub id. Cached by resolved path."""
+    p = Path(path)
+    key = str(p.resolve()) if p.exists() else str(path)
+    return _load(key, trust_remote_code)
+
+
+def clear_tokenizer_cache() -> None:
+    _load.cache_clear()
