@@ -4,7 +4,8 @@ No torch.distributed or Megatron imports here: the trainer passes global normali
 Importing this package registers every built-in algorithm (see registry.py).
 """
 
-from . import advantages, less  # noqa: F401  (registration)
+from . import advantages, entropy_baselines, less, losses  # noqa: F401  (registration)
+from .advantages import compute_token_advantages
 from .registry import (
     get_advantage,
     get_policy_loss,
@@ -16,6 +17,7 @@ from .registry import (
 )
 
 __all__ = [
+    "compute_token_advantages",
     "get_advantage",
     "get_policy_loss",
     "get_shaper",

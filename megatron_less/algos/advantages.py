@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_advantage
+from .registry import get_advantage, get_shaper, register_advantage, register_shaper
 
 
 def _group_stats(rewards: torch.Tensor, group_index: torch.Tensor):
@@ -62,3 +62,28 @@ def rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.T
 @register_advantage("dr_grpo")
 def _drgrpo_alias(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     return drgrpo_advantages(rewards, group_index)
+
+
+@register_shaper("none")
+def broadcast_advantages(advantages: torch.Tensor, batch, **_unused) -> tuple[torch.Tensor, dict]:
+    """No shaping: every valid token of a response gets the response's advantage."""
+    mask = batch["response_mask"].to(advantages.device)
+    return advantages[:, None] * mask.to(advantages.dtype), {}
+
+
+def compute_token_advantages(
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
+    batch,
+    *,
+    estimator: str = "grpo",
+    shaper: str = "none",
+    estimator_kwargs: dict | None = None,
+    shaper_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Estimator then shaper, both by registry name: e.g. estimator="grpo", shaper="less".
+
+    Returns (token advantages [B, T], the shaper's stats).
+    """
+    adv = get_advantage(estimator)(rewards, group_index, **(estimator_kwargs or {}))
+    return get_shaper(shaper)(adv, batch, **(shaper_kwargs or {}))

@@ -1,0 +1,144 @@
+"""Entropy-aware baselines that LESS is compared with (spec, last section), as policy losses.
+
+forking_tokens ("80/20"): policy gradient only on the top-`top_ratio` highest-entropy valid tokens
+  of the micro-batch; aggregation over the selected tokens only.
+clip_cov: PPO-clip, plus: among valid tokens that clipping left alone and whose centred covariance
+  Cov_t = (A_t - mean A)(log pi_t - mean log pi) lies in (lb, ub), a random max(1, floor(r * N))
+  get zero gradient (N = valid tokens; r = 2e-4, lb = 1, ub = 5).
+kl_cov: no ratio clipping; the max(1, floor(r * N)) tokens of largest Cov_t get an extra
+  beta * |log pi - log pi_old| penalty (r = 2e-4, beta = 1).
+All take the common policy-loss keywords (see losses.py); means are over valid tokens of the batch
+passed in (the micro-batch), as the methods define them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .losses import _agg_fn, add_regularisers, masked_mean, ppo_clip_token_losses, ppo_metrics
+from .registry import register_policy_loss
+
+
+def forking_token_mask(entropy: torch.Tensor, response_mask: torch.Tensor, top_ratio: float = 0.2) -> torch.Tensor:
+    """Valid tokens whose entropy is >= the k-th largest valid entropy, k = max(1, ceil(top_ratio * N)).
+
+    Ties at the threshold are all selected, so slightly more than k tokens may be chosen.
+    """
+    if not 0.0 < top_ratio <= 1.0:
+        raise ValueError(f"top_ratio must be in (0, 1], got {top_ratio}")
+    valid = response_mask.bool()
+    values = entropy.detach()[valid]
+    if values.numel() == 0:
+        return valid
+    k = max(1, math.ceil(top_ratio * values.numel() - 1e-9))  # 1e-9: 0.2 * 10 must not round up to 3
+    threshold = torch.topk(values, k, sorted=True).values[-1]
+    return valid & (entropy.detach() >= threshold)
+
+
+def centred_covariance(advantages: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Cov_t = (A_t - mean A)(log pi_t - mean log pi), means over valid tokens; detached."""
+    a = advantages.detach()
+    if a.dim() == 1:
+        a = a[:, None]
+    a = a.to(log_prob.dtype).expand_as(log_prob)
+    lp = log_prob.detach()
+    return (a - masked_mean(a, response_mask)) * (lp - masked_mean(lp, response_mask))
+
+
+def _budget(ratio: float, n_valid: int) -> int:
+    return max(1, int(math.floor(ratio * n_valid)))
+
+
+@register_policy_loss("forking_tokens")
+def forking_tokens_loss(
+    log_prob, old_log_prob, advantages, response_mask, *, entropy, top_ratio: float = 0.2,
+    clip_low=0.2, clip_high=0.28, dual_clip_c=10.0, loss_agg_mode="token-mean", global_num_tokens=None,
+    global_num_seqs=None, max_response_len=None, ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy_coef=0.0,
+):  # fmt: skip
+    """PPO-clip restricted to forking tokens. `entropy` ([B, T], the current policy's) picks them;
+    every term (KL and entropy bonus included) is aggregated over the selected tokens, so a
+    `global_num_tokens` passed here must count selected tokens, not all response tokens."""
+    selected = forking_token_mask(entropy, response_mask, top_ratio)
+    agg = _agg_fn(selected, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
+    token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
+        log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
+    )
+    pg_loss = agg(token_loss)
+    metrics = ppo_metrics(selected, log_ratio, ratio, clipped, dual)
+    metrics["pg_loss"] = pg_loss.detach()
+    metrics["forking_frac"] = masked_mean(selected.to(log_prob.dtype), response_mask).detach()
+    loss = add_regularisers(
+        pg_loss, metrics, log_prob, selected, agg,
+        ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy, entropy_coef=entropy_coef,
+    )  # fmt: skip
+    return loss, metrics
+
+
+@register_policy_loss("clip_cov")
+def clip_cov_loss(
+    log_prob, old_log_prob, advantages, response_mask, *, clip_cov_ratio: float = 2e-4, clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0, generator: torch.Generator | None = None, clip_low=0.2, clip_high=0.28,
+    dual_clip_c=10.0, loss_agg_mode="token-mean", global_num_tokens=None, global_num_seqs=None,
+    max_response_len=None, ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0,
+):  # fmt: skip
+    """Clip-Cov. The random choice draws from `generator` (a CPU torch.Generator) for determinism.
+    "Already clipped" means clipping (ratio or dual) already set that token's gradient to zero."""
+    agg = _agg_fn(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
+    token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
+        log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
+    )
+    valid = response_mask.bool()
+    cov = centred_covariance(advantages, log_prob, response_mask)
+    eligible = valid & ~clipped & ~dual & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+    idx = eligible.flatten().nonzero().squeeze(1).cpu()
+    budget = _budget(clip_cov_ratio, int(valid.sum()))
+    chosen = idx[torch.randperm(idx.numel(), generator=generator)[:budget]]
+    keep = torch.ones(log_prob.numel(), dtype=log_prob.dtype)
+    keep[chosen] = 0.0
+    keep = keep.view_as(log_prob).to(log_prob.device)
+    pg_loss = agg(token_loss * keep)
+    metrics = ppo_metrics(response_mask, log_ratio, ratio, clipped, dual)
+    metrics["pg_loss"] = pg_loss.detach()
+    metrics["cov_clipfrac"] = masked_mean(1.0 - keep, response_mask).detach()
+    loss = add_regularisers(
+        pg_loss, metrics, log_prob, response_mask, agg,
+        ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy, entropy_coef=entropy_coef,
+    )  # fmt: skip
+    return loss, metrics
+
+
+@register_policy_loss("kl_cov")
+def kl_cov_loss(
+    log_prob, old_log_prob, advantages, response_mask, *, kl_cov_ratio: float = 2e-4, kl_cov_coef: float = 1.0,
+    loss_agg_mode="token-mean", global_num_tokens=None, global_num_seqs=None, max_response_len=None,
+    ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0,
+):  # fmt: skip
+    """KL-Cov: unclipped policy gradient, |log ratio| penalty on the highest-covariance tokens
+    (ties broken by position, so the choice is deterministic)."""
+    agg = _agg_fn(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    token_loss = -adv.to(log_prob.dtype) * ratio
+    valid = response_mask.bool()
+    cov = centred_covariance(advantages, log_prob, response_mask).flatten()
+    n_valid = int(valid.sum())
+    penal = torch.zeros(log_prob.numel(), dtype=torch.bool, device=log_prob.device)
+    if n_valid:
+        ranked = torch.where(valid.flatten(), cov, torch.full_like(cov, -torch.inf))
+        order = torch.sort(ranked, descending=True, stable=True).indices
+        penal[order[: _budget(kl_cov_ratio, n_valid)]] = True
+    penal = penal.view_as(log_prob)
+    token_loss = token_loss + kl_cov_coef * penal.to(log_prob.dtype) * (log_prob - old_log_prob).abs()
+    pg_loss = agg(token_loss)
+    no_clip = torch.zeros_like(valid)
+    metrics = ppo_metrics(response_mask, log_ratio, ratio, no_clip, no_clip)
+    metrics["pg_loss"] = pg_loss.detach()
+    metrics["kl_cov_frac"] = masked_mean(penal.to(log_prob.dtype), response_mask).detach()
+    loss = add_regularisers(
+        pg_loss, metrics, log_prob, response_mask, agg,
+        ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy, entropy_coef=entropy_coef,
+    )  # fmt: skip
+    return loss, metrics

@@ -1,0 +1,190 @@
+"""Policy losses: PPO-clip (separate low/high clip, dual-clip), loss aggregation, KL and entropy terms.
+
+Every registered policy loss has the signature
+
+    loss_fn(log_prob, old_log_prob, advantages, response_mask, *, loss_agg_mode="token-mean",
+            global_num_tokens=None, global_num_seqs=None, max_response_len=None,
+            ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0,
+            **loss_specific) -> (loss, metrics)
+
+log_prob / old_log_prob / ref_log_prob / entropy are [B, T]; advantages are [B, T] (shaped) or [B];
+response_mask is [B, T]. metrics is a dict of detached 0-d float tensors (so the trainer can reduce
+them across ranks in one call).
+
+Micro-batching: a loss is a mean over the *global* batch, not over each micro-batch. Pass the
+global count (`global_num_tokens` for token-mean, `global_num_seqs` for the seq-mean modes) and the
+micro-batch losses then sum to the global-batch loss. Left as None, the micro-batch's own count is
+used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import register_policy_loss
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _count(x) -> torch.Tensor | float:
+    return x if isinstance(x, torch.Tensor) else float(x)
+
+
+def aggregate(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    *,
+    global_num_tokens=None,
+    global_num_seqs=None,
+    max_response_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar.
+
+    token-mean: sum over valid tokens / number of valid tokens (of the global batch if given).
+    seq-mean-token-mean: mean over sequences of each sequence's token mean.
+    seq-mean-token-sum: mean over sequences of each sequence's token sum.
+    seq-mean-token-sum-norm (Dr. GRPO): mean over sequences of token sum / max_response_len, a
+      constant (defaults to T; pass the configured maximum so it does not vary with padding).
+    Sequence means count sequences with at least one valid token (or `global_num_seqs`).
+    """
+    m = mask.to(loss_mat.dtype)
+    masked = loss_mat * m
+    if mode == "token-mean":
+        n = _count(global_num_tokens) if global_num_tokens is not None else m.sum().clamp(min=1)
+        return masked.sum() / n
+    seq_len = m.sum(-1)
+    seq_sum = masked.sum(-1)
+    n_seq = _count(global_num_seqs) if global_num_seqs is not None else (seq_len > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return (seq_sum / seq_len.clamp(min=1)).sum() / n_seq
+    if mode == "seq-mean-token-sum":
+        return seq_sum.sum() / n_seq
+    if mode == "seq-mean-token-sum-norm":
+        horizon = max_response_len if max_response_len is not None else loss_mat.shape[-1]
+        return seq_sum.sum() / horizon / n_seq
+    raise ValueError(f"unknown loss_agg_mode {mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_type: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from sampled-token log-probs.
+
+    k1: log pi - log pi_ref (unbiased, high variance, can be negative).
+    k2: (log pi - log pi_ref)^2 / 2.
+    k3 / low_var_kl: r - log r - 1 with r = pi_ref / pi (non-negative, low variance), clamped to
+      [-10, 10] as in verl to keep rare huge ratios from dominating.
+    """
+    diff = log_prob - ref_log_prob
+    if kl_type == "k1":
+        return diff
+    if kl_type == "k2":
+        return 0.5 * diff.square()
+    if kl_type in ("k3", "low_var_kl"):
+        neg = (-diff).clamp(-20.0, 20.0)
+        return (neg.exp() - neg - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown kl_type {kl_type!r}; valid: k1, k2, k3, low_var_kl")
+
+
+def ppo_clip_token_losses(log_prob, old_log_prob, advantages, *, clip_low=0.2, clip_high=0.28, dual_clip_c=10.0):
+    """Per-token PPO-clip loss with decoupled clip range and dual-clip.
+
+    Returns (loss [B, T], log_ratio, ratio, clipped, dual_clipped), the last two bool [B, T]:
+    clipped = the ratio clip set the value; dual_clipped = the dual-clip bound -c * A did (A < 0).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    advantages = advantages.to(log_prob.dtype)
+    log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)  # exp overflow guard, as verl
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped_loss = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped_loss)
+    clipped = clipped_loss > unclipped
+    dual = torch.zeros_like(clipped)
+    if dual_clip_c is not None:
+        if dual_clip_c <= 1.0:
+            raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+        bound = -advantages * dual_clip_c
+        dual = (advantages < 0) & (loss > bound)
+        loss = torch.where(dual, bound.expand_as(loss), loss)
+    return loss, log_ratio, ratio, clipped, dual
+
+
+def add_regularisers(loss, metrics, log_prob, response_mask, agg, *, ref_log_prob, kl_coef, kl_type, entropy, entropy_coef):
+    """loss + kl_coef * KL(pi || pi_ref) - entropy_coef * entropy, each aggregated like the loss."""
+    if ref_log_prob is not None and kl_coef:
+        kl = agg(kl_penalty(log_prob, ref_log_prob, kl_type))
+        loss = loss + kl_coef * kl
+        metrics["kl_ref"] = kl.detach()
+    if entropy is not None:
+        ent = agg(entropy)
+        metrics["entropy"] = ent.detach()
+        if entropy_coef:
+            loss = loss - entropy_coef * ent
+    return loss
+
+
+def _agg_fn(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len):
+    return lambda x: aggregate(
+        x,
+        response_mask,
+        loss_agg_mode,
+        global_num_tokens=global_num_tokens,
+        global_num_seqs=global_num_seqs,
+        max_response_len=max_response_len,
+    )
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip_c: float | None = 10.0,
+    loss_agg_mode: str = "token-mean",
+    global_num_tokens=None,
+    global_num_seqs=None,
+    max_response_len: int | None = None,
+    ref_log_prob: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+):
+    """PPO-clip / GRPO policy loss (clip 0.2 low, 0.28 high, dual-clip c = 10 by default)."""
+    agg = _agg_fn(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
+    token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
+        log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
+    )
+    pg_loss = agg(token_loss)
+    metrics = ppo_metrics(response_mask, log_ratio, ratio, clipped, dual)
+    metrics["pg_loss"] = pg_loss.detach()
+    loss = add_regularisers(
+        pg_loss, metrics, log_prob, response_mask, agg,
+        ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy, entropy_coef=entropy_coef,
+    )  # fmt: skip
+    return loss, metrics
+
+
+def ppo_metrics(response_mask, log_ratio, ratio, clipped, dual) -> dict[str, torch.Tensor]:
+    """Micro-batch token means: clip fractions and KL(old || new) estimates (k1 and k3)."""
+    with torch.no_grad():
+        return {
+            "clipfrac": masked_mean(clipped.to(ratio.dtype), response_mask),
+            "clipfrac_dual": masked_mean(dual.to(ratio.dtype), response_mask),
+            "approx_kl": masked_mean(-log_ratio, response_mask),
+            "approx_kl_k3": masked_mean(ratio - 1.0 - log_ratio, response_mask),
+            "ratio_mean": masked_mean(ratio, response_mask),
+            "ratio_max": torch.where(response_mask.bool(), ratio, torch.zeros_like(ratio)).max()
+            if ratio.numel()
+            else ratio.new_zeros(()),
+        }

@@ -1,0 +1,138 @@
+"""Forking tokens, Clip-Cov and KL-Cov: selections by hand, determinism, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megatron_less.algos as algos
+from megatron_less.algos.entropy_baselines import centred_covariance, clip_cov_loss, forking_token_mask, kl_cov_loss
+from megatron_less.algos.losses import ppo_clip_loss
+
+
+def test_forking_mask_top_fraction_ties_and_padding():
+    ent = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2], [0.5, 0.4, 0.7, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    # 8 valid tokens: k = ceil(1.6) = 2 -> 0.9 and 0.8; padding (9.0) never counts.
+    assert forking_token_mask(ent, mask, 0.2).nonzero().tolist() == [[0, 1], [0, 3]]
+    # 10 tokens at 0.2: exactly 2, no float round-up to 3.
+    flat = torch.arange(10.0)[None]
+    assert forking_token_mask(flat, torch.ones(1, 10, dtype=torch.bool), 0.2).sum() == 2
+    # Ties at the threshold are all kept.
+    tied = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]])
+    assert forking_token_mask(tied, torch.ones(1, 5, dtype=torch.bool), 0.2).sum() == 3
+    assert not forking_token_mask(ent, torch.zeros_like(mask), 0.2).any()
+
+
+def test_forking_loss_is_ppo_on_selected_tokens():
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    old = lp.detach() + 0.1 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    adv = torch.randn(4, generator=g, dtype=torch.float64)
+    ent = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    mask = torch.arange(6) < torch.tensor([6, 5, 2, 4])[:, None]
+    loss, m = algos.get_policy_loss("forking_tokens")(lp, old, adv, mask, entropy=ent)
+    sel = forking_token_mask(ent, mask, 0.2)
+    ref, _ = ppo_clip_loss(lp, old, adv, sel)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert m["forking_frac"].item() == pytest.approx(sel.sum().item() / mask.sum().item())
+
+    lp.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: algos.get_policy_loss("forking_tokens")(x, old, adv, mask, entropy=ent)[0], (lp,)
+    )
+
+
+def cov_example():
+    # Two rows of 4 valid tokens, advantages per token, chosen so Cov_t is easy to read.
+    adv = torch.tensor([[2.0, 2.0, -2.0, -2.0], [2.0, 2.0, -2.0, -2.0]], dtype=torch.float64)
+    lp = torch.tensor([[1.0, -1.0, -1.0, 1.0], [2.0, 0.5, -2.0, 0.0]], dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    return adv, lp, mask
+
+
+def test_centred_covariance_by_hand():
+    adv, lp, mask = cov_example()
+    # mean A = 0, mean log pi = 0.0625
+    expect = adv * (lp - 0.0625)
+    torch.testing.assert_close(centred_covariance(adv, lp, mask), expect)
+
+
+def test_clip_cov_zeroes_a_random_eligible_token_deterministically():
+    adv, lp, mask = cov_example()
+    old = lp.clone()  # ratio 1: nothing clipped
+    # Cov: row0 = [1.875, -2.125, 2.125, -1.875], row1 = [3.875, 0.875, 4.125, 0.125]
+    # eligible (1 < cov < 5): (0,0), (0,2), (1,0), (1,2); budget = max(1, floor(0.3 * 8)) = 2
+    eligible = {(0, 0), (0, 2), (1, 0), (1, 2)}
+    picks = set()
+    for seed in range(12):
+        x = lp.clone().requires_grad_()
+        loss, m = clip_cov_loss(x, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed))
+        loss.backward()
+        zero = {tuple(i) for i in (x.grad == 0).nonzero().tolist()}
+        assert len(zero) == 2 and zero <= eligible
+        assert m["cov_clipfrac"].item() == 0.25
+        # The rest keeps the plain policy-gradient: -A / N.
+        for i, j in set(eligible | {(0, 1), (0, 3), (1, 1), (1, 3)}) - zero:
+            assert x.grad[i, j].item() == pytest.approx(-adv[i, j].item() / 8)
+        again = lp.clone().requires_grad_()
+        clip_cov_loss(again, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed))[0].backward()
+        assert torch.equal(again.grad, x.grad)  # same seed, same choice
+        picks.add(frozenset(zero))
+    assert len(picks) > 1  # and the choice does depend on the seed
+
+
+def test_clip_cov_skips_already_clipped_tokens():
+    adv, lp, mask = cov_example()
+    old = lp.clone()
+    old[0, 0] = lp[0, 0] - 1.0  # ratio e > 1.28 with A > 0: clipped, so not eligible
+    for seed in range(8):
+        x = lp.clone().requires_grad_()
+        loss, _ = clip_cov_loss(x, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed))
+        loss.backward()
+        zero = {tuple(i) for i in (x.grad == 0).nonzero().tolist()}
+        assert (0, 0) in zero  # zero gradient from the clip itself
+        assert len(zero - {(0, 0)}) == 2 and zero - {(0, 0)} <= {(0, 2), (1, 0), (1, 2)}
+
+
+def test_clip_cov_budget_is_at_least_one_and_gradcheck():
+    adv, lp, mask = cov_example()
+    x = lp.clone().requires_grad_()
+    loss, m = clip_cov_loss(x, lp + 0.01, adv, mask, generator=torch.Generator().manual_seed(0))
+    assert m["cov_clipfrac"].item() == 1 / 8  # floor(2e-4 * 8) = 0 -> 1
+    assert torch.autograd.gradcheck(
+        lambda y: clip_cov_loss(y, lp + 0.01, adv, mask, generator=torch.Generator().manual_seed(0))[0], (x,)
+    )
+
+
+def test_kl_cov_penalises_top_covariance_tokens():
+    adv, lp, mask = cov_example()
+    old = lp - 0.1  # log ratio 0.1 everywhere
+    x = lp.clone().requires_grad_()
+    loss, m = kl_cov_loss(x, old, adv, mask, kl_cov_ratio=0.25)  # budget floor(2) = 2: (1, 2) and (1, 0)
+    r = torch.exp(torch.tensor(0.1, dtype=torch.float64))
+    expect = (-(adv * r).sum() + 2 * 0.1) / 8
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-12)
+    assert m["kl_cov_frac"].item() == 0.25 and m["clipfrac"].item() == 0.0
+    loss.backward()
+    grad = -adv * r / 8
+    grad[1, 2] += 1 / 8
+    grad[1, 0] += 1 / 8
+    torch.testing.assert_close(x.grad, grad)
+    assert torch.autograd.gradcheck(lambda y: kl_cov_loss(y, old, adv, mask, kl_cov_ratio=0.25)[0], (x,))
+
+
+def test_kl_cov_ignores_padding_and_breaks_ties_by_position():
+    # Means over valid tokens are 0, so Cov_t = A_t * log pi_t = 1 for all four valid tokens;
+    # the padding token would rank first (50) if it were not excluded.
+    adv = torch.tensor([[1.0, -1.0, 1.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    lp = torch.tensor([[1.0, -1.0, 1.0], [-1.0, -50.0, -50.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    x = lp.clone().requires_grad_()
+    loss, m = kl_cov_loss(x, lp - 0.5, adv, mask, kl_cov_ratio=0.25)  # budget 1 of 4 tied tokens
+    assert m["kl_cov_frac"].item() == pytest.approx(1 / 4)
+    loss.backward()
+    plain = -adv * torch.exp(torch.tensor(0.5, dtype=torch.float64)) / 4 * mask
+    extra = x.grad - plain
+    assert extra[0, 0].item() == pytest.approx(1 / 4)  # the first of the tie
+    assert extra.abs().sum().item() == pytest.approx(1 / 4)
