@@ -1,0 +1,211 @@
+"""Per-token log-prob of the target and full-vocabulary entropy from vocab-parallel logits.
+
+Rank r of the TP group holds logits x[:, r*Vr:(r+1)*Vr] (Vr = V/TP); z = x / T are the tempered
+logits. Per token we need
+
+    logZ = log sum_j exp(z_j)            logprob = z_t - logZ
+    H    = -sum_j p_j log p_j = logZ - sum_j p_j z_j,        p = softmax(z)
+
+Forward. Each rank walks its shard in chunks of tokens and keeps, per token, four numbers shifted
+to its *local* max m_r:  S0_r = sum exp(z - m_r),  S1_r = sum exp(z - m_r)(z - m_r),  m_r, and
+z_t if it owns the target (else 0). Local shifts mean no rank waits for another during the
+pass, so the whole call needs ONE collective at the end: an all-gather of a [T, 4] tensor. With
+M = max_r m_r and w_r = exp(m_r - M) (the standard online-softmax merge):
+
+    S0 = sum_r w_r S0_r,   S1 = sum_r w_r (S1_r + (m_r - M) S0_r)
+    logZ = M + log S0,     H = log S0 - S1 / S0
+
+The merge runs in float64 on [T] tensors (free, and it removes the merge's rounding).
+
+Backward. With l = log p = z - logZ, for upstream gradients g (log-prob) and h (entropy):
+
+    d logprob / dz_j = 1[j=t] - p_j,     d H / dz_j = -p_j (l_j + H)
+    d/dx_j = (g 1[j=t] - p_j (a + b l_j)) / T,   a = g + h H,  b = h
+
+Everything on the right is local given the saved per-token logZ and H, so backward does no
+communication; it recomputes p chunk by chunk instead of storing the [T, V] softmax. logZ is
+split into an fp32 head c and a float64 tail (exp(l) = exp(z - c) * exp(c - logZ)), the tail
+folded into the per-token a, b, so rounding logZ to fp32 never shifts every p_j at once.
+
+Memory beyond the input: a float32 workspace of two [chunk, Vr] buffers (d = z - m and exp(d)
+in forward; l and p in backward, where fp32 input lets p live in the gradient itself), reused
+across chunks, plus O(T) stats. The input is never written. Targets outside [0, V) give a
+meaningless log-prob (z_t = 0); mask such tokens out of the loss as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# Per buffer. CPU: two buffers that fit the L2 cache beat bigger ones (each chunk makes ~8
+# passes over its buffer). CUDA: big enough that kernel launches are noise next to the
+# memory traffic, small next to [T, V] logits (16k x 152k bf16 = 5 GB).
+_WORKSPACE_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
+_MAX_CPU_ROWS = 1 << 16
+
+
+def default_chunk_size(vocab_per_rank: int, device: torch.device) -> int:
+    budget = _WORKSPACE_BYTES.get(device.type, _WORKSPACE_BYTES["cuda"])
+    return max(1, budget // (4 * vocab_per_rank))
+
+
+def _group_info(group) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _local_target(target: torch.Tensor, rank: int, vr: int):
+    local = target - rank * vr
+    owned = (local >= 0) & (local < vr)
+    return local.clamp(0, vr - 1).unsqueeze(-1), owned
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad):
+        ctx.set_materialize_grads(False)
+        n, vr = x.shape
+        tp, rank = _group_info(group)
+        tgt, owned = _local_target(target, rank, vr)
+        stats = torch.empty(n, 4, dtype=torch.float32, device=x.device)  # m, S0 - 1, S1, z_t
+        d = torch.empty(min(chunk, n), vr, dtype=torch.float32, device=x.device)
+        e = torch.empty_like(d)
+        for s in range(0, n, chunk):
+            xc = x[s : s + chunk]
+            k = xc.shape[0]
+            dc, ec, st = d[:k], e[:k], stats[s : s + k]
+            mx, arg = xc.max(-1, keepdim=True)
+            mx = mx.float()
+            torch.sub(xc, mx, out=dc)  # fp32 (mx is): exact near the max (Sterbenz)
+            if temperature != 1.0:
+                dc.div_(temperature)  # not * 1/T: an extra rounding, amplified by exp
+            st[:, 0] = mx.squeeze(-1) / temperature
+            torch.exp(dc, out=ec)
+            # Sum without the max's exact 1: keeps S0 - 1 (and so low entropies) accurate.
+            st[:, 1] = ec.scatter_(-1, arg, 0.0).sum(-1)
+            if with_entropy:
+                st[:, 2] = dc.mul_(ec).sum(-1)
+            st[:, 3] = xc.gather(-1, tgt[s : s + k]).squeeze(-1).float() / temperature
+        stats[:, 3] = torch.where(owned, stats[:, 3], 0.0)
+        del d, e
+        if tp > 1:
+            parts = [torch.empty_like(stats) for _ in range(tp)]
+            dist.all_gather(parts, stats, group=group)
+            all_stats = torch.stack(parts).double()
+        else:
+            all_stats = stats.double().unsqueeze(0)
+        m, s0m1, s1, zt = all_stats.unbind(-1)  # each [tp, n]
+        big_m = m.amax(0)
+        w = torch.exp(m - big_m)  # exactly 1 on the rank(s) holding the max
+        s0m1_sum = (w * s0m1).sum(0) + (w.sum(0) - 1)
+        log_s0 = torch.log1p(s0m1_sum)
+        logprob = (zt.sum(0) - big_m) - log_s0  # not z_t - logZ: exact 0 - log_s0 at the argmax
+        if with_entropy:
+            s1_sum = (w * (s1 + (m - big_m) * (1 + s0m1))).sum(0)
+            ent = log_s0 - s1_sum / (1 + s0m1_sum)
+        else:
+            ent = torch.zeros_like(log_s0)
+
+        ctx.temperature, ctx.chunk, ctx.rank = temperature, chunk, rank
+        ctx.entropy_grad = with_entropy and entropy_grad
+        ctx.save_for_backward(x, target, big_m, log_s0, ent, logprob)
+        out_lp, out_h = logprob.float(), ent.float()
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(out_h)
+        return out_lp, out_h
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h):
+        x, target, big_m, log_s0, ent, logprob = ctx.saved_tensors
+        if not ctx.entropy_grad:
+            g_h = None
+        if g_lp is None and g_h is None:
+            return (None,) * 7
+        n, vr = x.shape
+        t, inv_t = ctx.temperature, 1.0 / ctx.temperature
+        tgt, owned = _local_target(target, ctx.rank, vr)
+        g = g_lp.double() if g_lp is not None else torch.zeros_like(ent)
+        # exp(z - logZ) = exp(z - c) * corr with c = fp32(logZ): fold corr and -1/T into a, b.
+        c = (big_m + log_s0).float()
+        c_lo = (big_m - c.double()) + log_s0  # logZ - c without rounding logZ first
+        corr = torch.exp(-c_lo)
+        if g_h is not None:
+            h = g_h.double()
+            a = -(g + h * ent - h * c_lo) * corr * inv_t
+            b = (-h * corr * inv_t).float().unsqueeze(-1)
+        else:
+            a, b = -g * corr * inv_t, None
+        a = a.float().unsqueeze(-1)
+        # The target's entry exactly (1 - p_t = -expm1(logprob)): in fp32 it cancels when p_t ~ 1.
+        p_t = torch.exp(logprob)
+        at_t = -g * torch.expm1(logprob) - (h * p_t * (logprob + ent) if g_h is not None else 0)
+        at_t = (at_t * inv_t).float().unsqueeze(-1)
+        c = c.unsqueeze(-1)
+
+        grad = torch.empty_like(x)
+        fp32 = x.dtype == torch.float32
+        rows = min(ctx.chunk, n)
+        l_buf = torch.empty(rows, vr, dtype=torch.float32, device=x.device)
+        p_buf = None if fp32 else torch.empty_like(l_buf)
+        for s in range(0, n, ctx.chunk):
+            xc = x[s : s + ctx.chunk]
+            k = xc.shape[0]
+            lc = l_buf[:k]
+            pc = grad[s : s + k] if fp32 else p_buf[:k]
+            if t != 1.0:
+                lc.copy_(xc).div_(t).sub_(c[s : s + k])
+            else:
+                torch.sub(xc, c[s : s + k], out=lc)  # fp32 math: c is fp32
+            torch.exp(lc, out=pc)
+            if b is not None:
+                torch.addcmul(a[s : s + k], b[s : s + k], lc, out=lc)  # a + b l
+                pc.mul_(lc)
+            else:
+                pc.mul_(a[s : s + k])
+            tc = tgt[s : s + k]
+            pc.scatter_(-1, tc, torch.where(owned[s : s + k, None], at_t[s : s + k], pc.gather(-1, tc)))
+            if not fp32:
+                grad[s : s + k].copy_(pc)
+        return grad, None, None, None, None, None, None
+
+
+def vocab_parallel_logprob_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tp_group=None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = True,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``target`` and entropy of softmax(logits / temperature), float32, shape [...].
+
+    ``logits`` [..., V/TP] is this rank's vocabulary shard (rank r of ``tp_group`` holds ids
+    [r*V/TP, (r+1)*V/TP)); ``tp_group=None`` means it is the whole vocabulary. ``target`` holds
+    global ids. Any float dtype; math in float32, gradient in the input's dtype. ``chunk_size``
+    tokens are processed at a time (default: a few MiB of workspace on CPU, 256 MiB on CUDA).
+    ``entropy_grad=False`` returns a detached entropy and a backward that only pays for the
+    log-prob. ``with_entropy=False`` skips the entropy and returns None for it.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"target shape {tuple(target.shape)} != logits shape {tuple(logits.shape[:-1])}")
+    vr = logits.shape[-1]
+    chunk = chunk_size or default_chunk_size(vr, logits.device)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    lead = logits.shape[:-1]
+    x = logits.reshape(-1, vr)
+    if x.shape[0] == 0:
+        empty = logits.new_zeros(lead, dtype=torch.float32)
+        return empty, (empty.clone() if with_entropy else None)
+    lp, ent = _LogprobEntropy.apply(
+        x, target.reshape(-1).long(), tp_group, float(temperature), int(chunk), with_entropy, entropy_grad
+    )
+    return lp.view(lead), (ent.view(lead) if with_entropy else None)
