@@ -169,7 +169,7 @@ def test_every_reference_verifies_against_itself(data_dir, name):
     assert missed == [], f"{name}: {len(missed)}/{len(answers)} references fail: {missed[:20]}"
     # math-verify alone (no canonical-string shortcut): audits the parser, not the shortcut.
     t0 = time.perf_counter()
-    results = score_batch(responses, answers, num_workers=2, string_match=False)
+    results = score_batch(responses, answers, num_workers=2, shortcuts=False)
     elapsed = time.perf_counter() - t0
     missed = {a for a, r in zip(answers, results) if r.score != 1.0}
     known = KNOWN_PARSER_MISSES.get(name, {})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from decimal import Decimal
 
 from latex2sympy2_extended.math_normalization import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -131,17 +132,42 @@ def parse_answer(answer: str) -> list:
     return _parse_boxed(rewrite(answer.strip()))
 
 
-def equivalent(extracted: str, reference: str, string_match: bool = True) -> bool:
+_PLAIN_NUMBER = re.compile(r"^\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*$")
+
+
+def quick_verdict(extracted: str, reference: str) -> bool | None:
+    """Decide without the parser when that is safe, else None.
+
+    Same canonical spelling -> equal. Two plain decimal numbers ("025" vs "25", "7" vs "12")
+    -> compared exactly; numbers that differ only past the 4th significant digit are left to
+    math-verify, whose rounding rules decide those. Wrong numeric answers are the bulk of a
+    rollout batch, so this keeps most verdicts out of sympy.
+    """
+    if not extracted.strip():
+        return None
+    if canonical(extracted) == canonical(reference):
+        return True
+    if _PLAIN_NUMBER.match(extracted) and _PLAIN_NUMBER.match(reference):
+        a, b = Decimal(extracted.strip()), Decimal(reference.strip())
+        if a == b:
+            return True
+        if abs(a - b) > Decimal("1e-4") * max(Decimal(1), abs(b)):
+            return False
+    return None
+
+
+def equivalent(extracted: str, reference: str, shortcuts: bool = True) -> bool:
     """True when the model's boxed content means the same as the reference answer.
 
-    ``string_match=False`` skips the canonical-string shortcut so that math-verify alone
-    decides (used to audit the parser on the benchmark answers). Unbounded in time for
-    adversarial input; call it under a timer (see ``rewards.math``).
+    ``shortcuts=False`` skips ``quick_verdict`` so that math-verify alone decides (used to
+    audit the parser on the benchmark answers). Unbounded in time for adversarial input;
+    call it under a timer (see ``rewards.math``).
     """
     if len(extracted) > MAX_ANSWER_CHARS:
         return False
-    if string_match and extracted.strip() and canonical(extracted) == canonical(reference):
-        return True
+    quick = quick_verdict(extracted, reference) if shortcuts else None
+    if quick is not None:
+        return quick
     gold = parse_reference(reference)
     pred = parse_answer(extracted)
     if not gold or not pred:

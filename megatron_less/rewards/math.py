@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from megatron_less.rewards.boxed import extract_last_boxed
-from megatron_less.rewards.equivalence import MAX_ANSWER_CHARS, canonical, equivalent
+from megatron_less.rewards.equivalence import MAX_ANSWER_CHARS, equivalent, quick_verdict
 
 DEFAULT_TIMEOUT = 3.0
 REASONS = ("correct", "no_box", "timeout", "mismatch", "error")
@@ -43,27 +43,28 @@ def _on_alarm(signum, frame):
     raise VerifyTimeout()
 
 
-def prejudge(response: str, reference: str, string_match: bool = True) -> ScoreResult | str:
-    """Verdicts that need no parser (no box, spelled like the reference, absurdly long), or the
+def prejudge(response: str, reference: str, shortcuts: bool = True) -> ScoreResult | str:
+    """Verdicts that need no parser (no box, absurdly long, ``quick_verdict``), or the
     extracted answer when the parser must decide. Cheap, so the pool's parent runs it inline."""
     extracted = extract_last_boxed(response)
     if extracted is None:
         return ScoreResult(0.0, None, "no_box")
     if len(extracted) > MAX_ANSWER_CHARS:
         return ScoreResult(0.0, extracted, "mismatch")
-    if string_match and extracted.strip() and canonical(extracted) == canonical(reference):
-        return ScoreResult(1.0, extracted, "correct")
+    quick = quick_verdict(extracted, reference) if shortcuts else None
+    if quick is not None:
+        return ScoreResult(1.0 if quick else 0.0, extracted, "correct" if quick else "mismatch")
     return extracted
 
 
 def judge_timed(
-    extracted: str, reference: str, timeout: float, string_match: bool = True
+    extracted: str, reference: str, timeout: float, shortcuts: bool = True
 ) -> ScoreResult:
     """Run ``equivalent`` under a ``timeout``-second alarm. Main thread only."""
     old_handler = signal.signal(signal.SIGALRM, _on_alarm)
     old_delay, _ = signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        ok = equivalent(extracted, reference, string_match)
+        ok = equivalent(extracted, reference, shortcuts)
         result = ScoreResult(1.0 if ok else 0.0, extracted, "correct" if ok else "mismatch")
     except VerifyTimeout:
         result = ScoreResult(0.0, extracted, "timeout")
@@ -92,13 +93,13 @@ def score_batch(
     ground_truths: Sequence[str],
     num_workers: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    string_match: bool = True,
+    shortcuts: bool = True,
 ) -> list[ScoreResult]:
     """Score many responses in parallel worker processes; never raises for a bad item.
 
     ``num_workers=0`` scores in this process (main thread only; for debugging). Otherwise a
     shared pool of that many workers (default: min(8, CPUs)) is reused across calls.
-    ``string_match=False`` makes math-verify judge even answers spelled like the reference.
+    ``shortcuts=False`` makes math-verify judge every answer (see ``quick_verdict``).
     """
     if len(responses) != len(ground_truths):
         raise ValueError(
@@ -107,9 +108,9 @@ def score_batch(
     if num_workers == 0:
         out = []
         for r, g in zip(responses, ground_truths):
-            early = prejudge(r, g, string_match)
-            out.append(early if isinstance(early, ScoreResult) else judge_timed(early, g, timeout, string_match))
+            early = prejudge(r, g, shortcuts)
+            out.append(early if isinstance(early, ScoreResult) else judge_timed(early, g, timeout, shortcuts))
         return out
     from megatron_less.rewards.pool import shared_pool
 
-    return shared_pool(num_workers).score(responses, ground_truths, timeout, string_match)
+    return shared_pool(num_workers).score(responses, ground_truths, timeout, shortcuts)

@@ -82,19 +82,19 @@ class VerifierPool:
         responses: Sequence[str],
         references: Sequence[str],
         timeout: float = DEFAULT_TIMEOUT,
-        string_match: bool = True,
+        shortcuts: bool = True,
     ) -> list[ScoreResult]:
         results: list[ScoreResult | None] = [None] * len(responses)
         extracted: dict[int, str] = {}
         for i, (resp, ref) in enumerate(zip(responses, references, strict=True)):
-            early = prejudge(resp, ref, string_match)
+            early = prejudge(resp, ref, shortcuts)
             if isinstance(early, ScoreResult):
                 results[i] = early
             else:
                 extracted[i] = early
         if extracted:
             with self._lock:
-                self._run(extracted, references, results, (timeout, string_match))
+                self._run(extracted, references, results, (timeout, shortcuts))
         return results  # type: ignore[return-value]
 
     def _run(self, extracted, references, results, options) -> None:

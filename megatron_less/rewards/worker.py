@@ -4,7 +4,7 @@ Started by ``rewards.pool`` as a plain subprocess rather than through multiproce
 never re-imports the trainer's ``__main__`` (torch, CUDA) and starts in about half a second.
 
 Protocol (pickled over pipes): the worker sends ``"ready"``; then for each task list
-``((timeout, string_match), [(idx, extracted, reference), ...])`` it sends one ``(idx, score, reason)`` per item
+``((timeout, shortcuts), [(idx, extracted, reference), ...])`` it sends one ``(idx, score, reason)`` per item
 as soon as that item is done, which is how the parent knows which item a hung worker was on.
 ``None`` asks it to exit; so does the parent closing the pipe.
 """
@@ -45,9 +45,9 @@ def main(argv: list[str]) -> None:
             return
         if task is None:
             return
-        (timeout, string_match), items = task
+        (timeout, shortcuts), items = task
         for idx, extracted, reference in items:
-            r = judge_timed(extracted, reference, timeout, string_match)
+            r = judge_timed(extracted, reference, timeout, shortcuts)
             outbox.send((idx, r.score, r.reason))
 
 
