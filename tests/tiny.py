@@ -39,3 +39,8 @@ def save_hf_model(path, seed: int = 0, **overrides):
     model = hf_model(seed, **overrides)
     model.save_pretrained(path)
     return model
+
+
+# vLLM's CPU attention needs head_dim in {32, 64, ...}; a wide init makes greedy outputs vary
+# instead of repeating one token, so generation tests can tell engines apart.
+ROLLOUT = dict(hidden_size=128, intermediate_size=256, initializer_range=0.3)

@@ -37,3 +37,47 @@ def iter_hf_tensors(model, arch: qwen2.Qwen2Arch) -> Iterator[tuple[str, torch.T
             continue
         shards = _tp_shards(param.detach()) if qwen2.tp_split_dim(gname) is not None else [param.detach()]
         yield from qwen2.hf_tensors(gname, shards, arch).items()
+
+
+@torch.no_grad()
+def iter_all_hf_tensors(model, arch: qwen2.Qwen2Arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every full HF tensor of the whole model, on every rank: each pipeline stage in turn
+    all-gathers its TP shards and broadcasts the result to the other stages."""
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        yield from iter_hf_tensors(model, arch)
+        return
+    group = ps.get_pipeline_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
+    me = ps.get_pipeline_model_parallel_rank()
+    # Receivers need names, shapes and dtypes to allocate; stages exchange them once per call.
+    mine = [(n, tuple(t.shape), t.dtype) for n, t in _stage_meta(model, arch)]
+    metas: list = [None] * pp
+    dist.all_gather_object(metas, mine, group=group)
+    for stage in range(pp):
+        source = iter_hf_tensors(model, arch) if stage == me else None
+        for name, shape, dtype in metas[stage]:
+            if source is not None:
+                _, t = next(source)
+                t = t.contiguous()
+            else:
+                t = torch.empty(shape, dtype=dtype)
+            dist.broadcast(t, ranks[stage], group=group)
+            yield name, t
+
+
+def _stage_meta(model, arch: qwen2.Qwen2Arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """Names and shapes of this stage's HF tensors, without communication (meta tensors)."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    offset = qwen2.layer_offset(model)
+    for name, param in model.named_parameters():
+        gname = qwen2.global_name(name, offset)
+        if gname == "output_layer.weight" and arch.tie_word_embeddings:
+            continue
+        meta = param.detach().to("meta")
+        shards = [meta] * tp if qwen2.tp_split_dim(gname) is not None else [meta]
+        yield from qwen2.hf_tensors(gname, shards, arch).items()

@@ -1,0 +1,61 @@
+"""The rollout interface: prompts in, sampled responses with their log-probs out.
+
+Log-probs are those of the distribution actually sampled from (logits / temperature, before
+top-p), for both engines, so the trainer can compare them with its own recomputation.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 1024
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    def request_seed(self, prompt_index: int, sample_index: int) -> int:
+        """One seed per request: samples of a prompt must not share a random stream, and every
+        TP rank of an engine must draw the same numbers."""
+        return (self.seed * 1_000_003 + prompt_index * 65_537 + sample_index) % (2**31 - 1)
+
+
+@dataclass
+class Response:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop token was sampled, and is included) or "length"
+    extra: dict = field(default_factory=dict)
+
+
+class RolloutEngine(abc.ABC):
+    @abc.abstractmethod
+    def generate(
+        self, prompts: list[list[int]], n: int, params: SamplingParams
+    ) -> list[list[Response]]:
+        """``n`` responses for each prompt (token ids), in prompt order. Collective: every rank
+        of the job calls it with the same prompts and gets every result back."""
+
+    @abc.abstractmethod
+    def sync_weights(self, model) -> dict:
+        """Make the engine sample from the weights of the Megatron ``model`` (this rank's stage
+        and shard). Collective. Returns timing/size figures."""
+
+    def sleep(self) -> None:
+        """Free rollout memory while training (no-op where unsupported)."""
+
+    def wake_up(self) -> None:
+        """Undo ``sleep`` before the next ``generate``."""
