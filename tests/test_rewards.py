@@ -300,9 +300,13 @@ def test_worker_dead_while_idle_loses_nothing():
         assert [r.reason for r in results] == ["correct", "mismatch"]
 
 
-def test_score_batch_rejects_length_mismatch():
+def test_score_batch_rejects_bad_arguments():
     with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
         score_batch(["a", "b"], ["1"])
+    with pytest.raises(ValueError, match="timeout must be"):
+        score_batch(["\\boxed{1}"], ["1"], timeout=0)
+    with pytest.raises(ValueError, match="timeout must be"):
+        compute_score("\\boxed{1}", "1", timeout=None)
 
 
 def test_in_process_batch_matches_pool():

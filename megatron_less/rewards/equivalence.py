@@ -3,8 +3,8 @@
 math-verify does the heavy lifting (LaTeX -> sympy, numeric tolerance, sets, intervals,
 units, percent, degrees). This module adds what the benchmark files need on top of it:
 
-* a cheap canonical-string check first: most correct answers are spelled like the reference,
-  and skipping sympy for them keeps 4096 verdicts per step cheap;
+* a cheap ``quick_verdict`` first (same canonical spelling; two plain numbers): most
+  answers in a rollout batch are decided there, keeping 4096 verdicts per step cheap;
 * small rewrites of forms math-verify misreads (``4.5e33``, ``np.arcsin(..)``,
   ``\\frac{12}{5,\\!525}``);
 * rescue parses for references that math-verify can only keep as a raw string

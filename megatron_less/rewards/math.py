@@ -43,6 +43,13 @@ def _on_alarm(signum, frame):
     raise VerifyTimeout()
 
 
+def check_timeout(timeout) -> float:
+    # setitimer(0) would mean "no limit", the opposite of what a caller passing 0 wants.
+    if not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
 def prejudge(response: str, reference: str, shortcuts: bool = True) -> ScoreResult | str:
     """Verdicts that need no parser (no box, absurdly long, ``quick_verdict``), or the
     extracted answer when the parser must decide. Cheap, so the pool's parent runs it inline."""
@@ -80,6 +87,7 @@ def judge_timed(
 
 def compute_score(response: str, ground_truth: str, timeout: float = DEFAULT_TIMEOUT) -> ScoreResult:
     """Score one response against its reference answer, within ``timeout`` seconds."""
+    check_timeout(timeout)
     early = prejudge(response, ground_truth)
     if isinstance(early, ScoreResult):
         return early
@@ -101,6 +109,7 @@ def score_batch(
     shared pool of that many workers (default: min(8, CPUs)) is reused across calls.
     ``shortcuts=False`` makes math-verify judge every answer (see ``quick_verdict``).
     """
+    check_timeout(timeout)
     if len(responses) != len(ground_truths):
         raise ValueError(
             f"score_batch: {len(responses)} responses but {len(ground_truths)} ground truths"

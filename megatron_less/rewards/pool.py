@@ -21,7 +21,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Sequence
 
-from megatron_less.rewards.math import DEFAULT_TIMEOUT, ScoreResult, prejudge
+from megatron_less.rewards.math import DEFAULT_TIMEOUT, ScoreResult, check_timeout, prejudge
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _START_TIMEOUT = 60.0
@@ -84,6 +84,7 @@ class VerifierPool:
         timeout: float = DEFAULT_TIMEOUT,
         shortcuts: bool = True,
     ) -> list[ScoreResult]:
+        timeout = check_timeout(timeout)
         results: list[ScoreResult | None] = [None] * len(responses)
         extracted: dict[int, str] = {}
         for i, (resp, ref) in enumerate(zip(responses, references, strict=True)):
@@ -171,22 +172,25 @@ class VerifierPool:
         self.close()
 
 
-_SHARED: dict[int, VerifierPool] = {}
+_SHARED: dict[tuple[int, int], VerifierPool] = {}
 _SHARED_LOCK = threading.Lock()
 
 
 def shared_pool(num_workers: int | None = None) -> VerifierPool:
-    """One pool per worker count for the life of the process (workers cost ~0.5 s to start)."""
-    n = num_workers or min(8, os.cpu_count() or 1)
+    """One pool per worker count for the life of the process (workers cost ~0.5 s to start).
+    Keyed by pid too: a forked child (e.g. a data-loader process) must not share the parent's
+    pipes, so it gets its own workers."""
+    key = (os.getpid(), num_workers or min(8, os.cpu_count() or 1))
     with _SHARED_LOCK:
-        pool = _SHARED.get(n)
+        pool = _SHARED.get(key)
         if pool is None:
-            pool = _SHARED[n] = VerifierPool(n)
+            pool = _SHARED[key] = VerifierPool(key[1])
         return pool
 
 
 @atexit.register
 def _close_shared() -> None:
-    for pool in _SHARED.values():
-        pool.close()
+    for (pid, _), pool in _SHARED.items():
+        if pid == os.getpid():
+            pool.close()
     _SHARED.clear()
