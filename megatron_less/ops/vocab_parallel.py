@@ -69,7 +69,8 @@ class _LogprobEntropy(torch.autograd.Function):
         n, vr = x.shape
         tp, rank = _group_info(group)
         tgt, owned = _local_target(target, rank, vr)
-        stats = torch.empty(n, 4, dtype=torch.float32, device=x.device)  # m, S0 - 1, S1, z_t
+        # per token: max x, S0 - 1, S1, x_t. Raw logits, not / T: exact, so the merge is too.
+        stats = torch.empty(n, 4, dtype=torch.float32, device=x.device)
         d = torch.empty(min(chunk, n), vr, dtype=torch.float32, device=x.device)
         e = torch.empty_like(d)
         for s in range(0, n, chunk):
@@ -81,13 +82,13 @@ class _LogprobEntropy(torch.autograd.Function):
             torch.sub(xc, mx, out=dc)  # fp32 (mx is): exact near the max (Sterbenz)
             if temperature != 1.0:
                 dc.div_(temperature)  # not * 1/T: an extra rounding, amplified by exp
-            st[:, 0] = mx.squeeze(-1) / temperature
+            st[:, 0] = mx.squeeze(-1)
             torch.exp(dc, out=ec)
             # Sum without the max's exact 1: keeps S0 - 1 (and so low entropies) accurate.
             st[:, 1] = ec.scatter_(-1, arg, 0.0).sum(-1)
             if with_entropy:
                 st[:, 2] = dc.mul_(ec).sum(-1)
-            st[:, 3] = xc.gather(-1, tgt[s : s + k]).squeeze(-1).float() / temperature
+            st[:, 3] = xc.gather(-1, tgt[s : s + k]).squeeze(-1).float()
         stats[:, 3] = torch.where(owned, stats[:, 3], 0.0)
         del d, e
         if tp > 1:
@@ -96,21 +97,23 @@ class _LogprobEntropy(torch.autograd.Function):
             all_stats = torch.stack(parts).double()
         else:
             all_stats = stats.double().unsqueeze(0)
-        m, s0m1, s1, zt = all_stats.unbind(-1)  # each [tp, n]
-        big_m = m.amax(0)
-        w = torch.exp(m - big_m)  # exactly 1 on the rank(s) holding the max
+        mx, s0m1, s1, xt = all_stats.unbind(-1)  # each [tp, n]
+        big_mx = mx.amax(0)
+        shift = (mx - big_mx) / temperature  # m_r - M
+        w = torch.exp(shift)  # exactly 1 on the rank(s) holding the max
         s0m1_sum = (w * s0m1).sum(0) + (w.sum(0) - 1)
         log_s0 = torch.log1p(s0m1_sum)
-        logprob = (zt.sum(0) - big_m) - log_s0  # not z_t - logZ: exact 0 - log_s0 at the argmax
+        # not z_t - logZ: at the argmax this is exactly 0 - log_s0, however small
+        logprob = (xt.sum(0) - big_mx) / temperature - log_s0
         if with_entropy:
-            s1_sum = (w * (s1 + (m - big_m) * (1 + s0m1))).sum(0)
+            s1_sum = (w * (s1 + shift * (1 + s0m1))).sum(0)
             ent = log_s0 - s1_sum / (1 + s0m1_sum)
         else:
             ent = torch.zeros_like(log_s0)
 
         ctx.temperature, ctx.chunk, ctx.rank = temperature, chunk, rank
         ctx.entropy_grad = with_entropy and entropy_grad
-        ctx.save_for_backward(x, target, big_m, log_s0, ent, logprob)
+        ctx.save_for_backward(x, target, big_mx, log_s0, ent, logprob)
         out_lp, out_h = logprob.float(), ent.float()
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(out_h)
@@ -118,7 +121,7 @@ class _LogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
-        x, target, big_m, log_s0, ent, logprob = ctx.saved_tensors
+        x, target, big_mx, log_s0, ent, logprob = ctx.saved_tensors
         if not ctx.entropy_grad:
             g_h = None
         if g_lp is None and g_h is None:
@@ -127,9 +130,10 @@ class _LogprobEntropy(torch.autograd.Function):
         t, inv_t = ctx.temperature, 1.0 / ctx.temperature
         tgt, owned = _local_target(target, ctx.rank, vr)
         g = g_lp.double() if g_lp is not None else torch.zeros_like(ent)
-        # exp(z - logZ) = exp(z - c) * corr with c = fp32(logZ): fold corr and -1/T into a, b.
-        c = (big_m + log_s0).float()
-        c_lo = (big_m - c.double()) + log_s0  # logZ - c without rounding logZ first
+        # l = z - logZ = (x - C) / T - c_lo with C = fp32(T logZ): x - C is exact near the top
+        # (z = x / T itself would round); the float64 tail c_lo and -1/T fold into a and b.
+        big_c = (big_mx + t * log_s0).float()
+        c_lo = ((big_mx - big_c.double()) + t * log_s0) / t
         corr = torch.exp(-c_lo)
         if g_h is not None:
             h = g_h.double()
@@ -142,7 +146,7 @@ class _LogprobEntropy(torch.autograd.Function):
         p_t = torch.exp(logprob)
         at_t = -g * torch.expm1(logprob) - (h * p_t * (logprob + ent) if g_h is not None else 0)
         at_t = (at_t * inv_t).float().unsqueeze(-1)
-        c = c.unsqueeze(-1)
+        big_c = big_c.unsqueeze(-1)
 
         grad = torch.empty_like(x)
         fp32 = x.dtype == torch.float32
@@ -154,10 +158,9 @@ class _LogprobEntropy(torch.autograd.Function):
             k = xc.shape[0]
             lc = l_buf[:k]
             pc = grad[s : s + k] if fp32 else p_buf[:k]
+            torch.sub(xc, big_c[s : s + k], out=lc)  # fp32 math: big_c is fp32
             if t != 1.0:
-                lc.copy_(xc).div_(t).sub_(c[s : s + k])
-            else:
-                torch.sub(xc, c[s : s + k], out=lc)  # fp32 math: c is fp32
+                lc.div_(t)
             torch.exp(lc, out=pc)
             if b is not None:
                 torch.addcmul(a[s : s + k], b[s : s + k], lc, out=lc)  # a + b l

@@ -1,0 +1,238 @@
+"""vocab_parallel_logprob_entropy at TP 1/2/4 against a float64 reference on the gathered logits.
+
+One 4-process gloo job runs every case at every TP size (TP2 = groups {0,1} and {2,3}) and
+returns outputs, gradient shards and communication counts; the tests assert on them.
+"""
+
+import pytest
+import torch
+
+from megatron_less.ops import vocab_parallel_logprob_entropy as op
+from megatron_less.parallel.spawn import run_distributed
+
+V = 1012  # 253 per rank at TP4: odd shard widths
+TPS = (1, 2, 4)
+CASES = {
+    # name: token shape, temperature, chunk size, dtype, extra
+    "fp32": ((5, 7), 1.0, None, torch.float32, {}),
+    "temperature_odd_chunk": ((37,), 0.6, 5, torch.float32, {}),
+    "bf16": ((3, 11), 1.7, 4, torch.bfloat16, {}),
+    # confident tokens (p_t up to 1 - 1e-7): where 1 - p_t and low entropies cancel in fp32
+    "peaked": ((40,), 0.8, 7, torch.float32, {"peaked": True}),
+}
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all", "send", "recv", "barrier")
+
+
+def _case(name):
+    shape, temp, chunk, dtype, extra = CASES[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    n = int(torch.tensor(shape).prod())
+    x = torch.randn(n, V, generator=g) * 3 + 20  # offset: nothing may rely on logits near 0
+    t = torch.randint(0, V, (n,), generator=g)
+    t[:4] = torch.arange(4) * (V // 4) + 7  # a target on every TP4 shard
+    if extra.get("peaked"):
+        x[torch.arange(n), torch.arange(n)] += torch.linspace(4, 16, n) / temp
+        t[4::2] = torch.arange(4, n, 2)  # half the targets are the argmax
+    x = x.to(dtype).view(*shape, V)
+    gl, gh = torch.randn(2, n, generator=g).view(2, *shape)
+    return x, t.view(shape), gl, gh, temp, chunk
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).clone()
+
+
+def _job():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    groups = {1: None, 2: pairs[rank // 2], 4: dist.group.WORLD}
+    calls = {"n": 0}
+    for name in COLLECTIVES:
+        real = getattr(dist, name)
+
+        def counted(*a, _real=real, **k):
+            calls["n"] += 1
+            return _real(*a, **k)
+
+        setattr(dist, name, counted)
+
+    out = {}
+    for name in CASES:
+        x_full, t, gl, gh, temp, chunk = _case(name)
+        for tp in TPS:
+            x = x_full.chunk(tp, -1)[rank % tp].clone()
+            before = _bits(x)
+            kw = dict(tp_group=groups[tp], temperature=temp, chunk_size=chunk)
+
+            def grad_of(loss_fn, **extra):
+                xx = x.detach().clone().requires_grad_()
+                lp, h = op(xx, t, **kw, **extra)
+                calls["n"] = 0
+                loss_fn(lp, h).backward()
+                return xx.grad, lp, h, calls["n"]
+
+            xx = x.requires_grad_()  # the original tensor: must come back bit-identical
+            calls["n"] = 0
+            lp, h = op(xx, t, **kw)
+            fwd_calls = calls["n"]
+            calls["n"] = 0
+            (lp * gl + h * gh).sum().backward()
+            bwd_calls = calls["n"]
+            g_noent, _, h_noent, _ = grad_of(lambda lp, h: (lp * gl + h * gh).sum(), entropy_grad=False)
+            g_lponly, lp_only, h_none, _ = grad_of(lambda lp, h: (lp * gl).sum(), with_entropy=False)
+            g_entonly = grad_of(lambda lp, h: (h * gh).sum())[0]
+            out[(name, tp)] = dict(
+                lp=lp.detach(), h=h.detach(), grad=xx.grad, grad_noent=g_noent, grad_lponly=g_lponly,
+                grad_entonly=g_entonly, noent_detached=not h_noent.requires_grad,
+                noent_same_values=torch.equal(h_noent, h.detach()), lp_only_same=torch.equal(lp_only, lp),
+                h_none=h_none is None, unchanged=torch.equal(_bits(x.detach()), before),
+                fwd_calls=fwd_calls, bwd_calls=bwd_calls,
+            )
+    dist.destroy_process_group()
+    return out
+
+
+def _reference(x, t, temp):
+    """float64 log-probs/entropy, written so that confident tokens do not cancel either."""
+    z = x.double() / temp
+    m, arg = z.max(-1, keepdim=True)
+    rest = torch.exp(z - m).scatter(-1, arg, 0.0).sum(-1, keepdim=True)
+    logp = (z - m) - torch.log1p(rest)
+    return logp.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def _ref_grad(x, t, temp, loss_fn):
+    xx = x.double().requires_grad_()
+    loss_fn(*_reference(xx, t, temp)).backward()
+    return xx.grad
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_distributed(_job, 4, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def refs():
+    out = {}
+    for name in CASES:
+        x, t, gl, gh, temp, _ = _case(name)
+        lp, h = _reference(x, t, temp)
+        out[name] = dict(
+            lp=lp, h=h,
+            grad=_ref_grad(x, t, temp, lambda lp, h: (lp * gl + h * gh).sum()),
+            grad_lponly=_ref_grad(x, t, temp, lambda lp, h: (lp * gl).sum()),
+            grad_entonly=_ref_grad(x, t, temp, lambda lp, h: (h * gh).sum()),
+        )
+    return out
+
+
+def _gathered(runs, key, tp, what):
+    return torch.cat([runs[r][key][what] for r in range(tp)], -1)
+
+
+def _assert_grad_close(got, ref, dtype):
+    if dtype == torch.bfloat16:
+        # fp32 math, then one rounding to bf16 (unit roundoff 2^-8): the bf16 nearest to the
+        # exact value, but for entries whose fp32 value lies within its error of a tie
+        assert got.dtype == torch.bfloat16
+        err = (got.double() - ref).abs()
+        assert (err <= 2.0**-8 * (1 + 1e-5) * ref.abs()).all(), (err / ref.abs()).max()
+        assert (got == ref.to(torch.bfloat16)).double().mean() > 0.999
+    else:
+        assert got.dtype == torch.float32
+        # per token, normwise: every row relative to its own scale, tiny rows included
+        rel = (got.double() - ref).norm(dim=-1) / ref.norm(dim=-1)
+        assert rel.max() < 1e-6, rel.max()
+
+
+PARAMS = [(name, tp) for name in CASES for tp in TPS]
+
+
+@pytest.mark.parametrize("name,tp", PARAMS)
+def test_values_match_float64(runs, refs, name, tp):
+    got, ref = runs[0][(name, tp)], refs[name]
+    for what in ("lp", "h"):
+        assert got[what].dtype == torch.float32 and got[what].shape == ref[what].shape
+        rel = ((got[what].double() - ref[what]).abs() / ref[what].abs()).max()
+        assert rel < 1e-6, (what, rel)
+
+
+@pytest.mark.parametrize("name,tp", PARAMS)
+def test_gradients_match_float64(runs, refs, name, tp):
+    dtype = CASES[name][3]
+    for what in ("grad", "grad_lponly", "grad_entonly"):
+        _assert_grad_close(_gathered(runs, (name, tp), tp, what), refs[name][what], dtype)
+
+
+@pytest.mark.parametrize("name,tp", PARAMS)
+def test_input_bit_identical_after_forward_and_backward(runs, name, tp):
+    assert all(r[(name, tp)]["unchanged"] for r in runs)
+
+
+@pytest.mark.parametrize("name,tp", PARAMS)
+def test_entropy_grad_off_is_logprob_only(runs, name, tp):
+    for r in runs:
+        got = r[(name, tp)]
+        assert torch.equal(got["grad_noent"], got["grad_lponly"])
+        assert got["noent_detached"] and got["noent_same_values"]
+        assert got["lp_only_same"] and got["h_none"]
+
+
+@pytest.mark.parametrize("name,tp", PARAMS)
+def test_one_collective_forward_none_backward(runs, name, tp):
+    for r in runs:
+        assert r[(name, tp)]["fwd_calls"] == (1 if tp > 1 else 0)
+        assert r[(name, tp)]["bwd_calls"] == 0
+
+
+@pytest.mark.parametrize("name,tp", PARAMS)
+def test_ranks_of_a_group_agree(runs, name, tp):
+    for r in runs[1:]:
+        for what in ("lp", "h"):
+            assert torch.equal(r[(name, tp)][what], runs[0][(name, tp)][what])
+    if tp == 2:  # the second pair computed the same shards
+        for r in (0, 1):
+            assert torch.equal(runs[r][(name, 2)]["grad"], runs[r + 2][(name, 2)]["grad"])
+
+
+def test_memory_is_one_workspace_not_tokens_by_vocab():
+    from megatron_less.ops.memory import peak_tensor_bytes
+
+    n, vr, chunk = 512, 1000, 16
+    x = torch.randn(n, vr, requires_grad=True)
+    t = torch.randint(0, vr, (n,))
+    workspace, small = 2 * chunk * vr * 4, 256 * n  # two fp32 chunk buffers; O(tokens) stats
+    fwd, (lp, h) = peak_tensor_bytes(lambda: op(x, t, chunk_size=chunk))
+    assert fwd <= workspace + small < n * vr * 4 / 4
+    # backward: the gradient itself, plus one fp32 chunk (fp32 input: p lives in the gradient)
+    bwd, _ = peak_tensor_bytes(lambda: (lp + h).sum().backward())
+    assert bwd <= n * vr * 4 + workspace // 2 + small
+
+
+def test_default_chunk_bounds_the_workspace():
+    from megatron_less.ops import default_chunk_size
+
+    for vr in (1, 16_384, 151_936, 10**8):
+        for dev, budget in (("cpu", 2 << 20), ("cuda", 256 << 20)):
+            c = default_chunk_size(vr, torch.device(dev))
+            assert c >= 1 and (c == 1 or c * vr * 4 <= budget)
+
+
+def test_shapes_and_arguments():
+    x = torch.randn(2, 3, 10)
+    t = torch.randint(0, 10, (2, 3))
+    lp, h = op(x, t, with_entropy=False)
+    assert lp.shape == (2, 3) and h is None
+    lp, h = op(x[:, :0], t[:, :0])
+    assert lp.shape == h.shape == (2, 0)
+    with pytest.raises(ValueError):
+        op(x, t, temperature=0.0)
+    with pytest.raises(ValueError):
+        op(x, t[:, :2])
+    with pytest.raises(TypeError):
+        op(x.long(), t)
