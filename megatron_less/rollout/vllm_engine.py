@@ -165,6 +165,16 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
         return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
 
+    def shutdown(self) -> None:
+        """Release the engine and vLLM's process groups while torch.distributed is still up
+        (vLLM's exit hook otherwise tries to destroy groups the trainer already tore down)."""
+        from vllm.distributed.parallel_state import destroy_model_parallel
+
+        if getattr(self, "llm", None) is not None:
+            del self.llm
+            self.llm = None
+            destroy_model_parallel()
+
     def sleep(self) -> None:
         if self.sleep_mode and not self._asleep:
             self.llm.sleep(level=1)
