@@ -12,9 +12,9 @@ from collections import defaultdict
 def group_weights(tokens, entropies, correct, mu=5, q=0.8):
     """One group. tokens/entropies: lists (one per response) of equal-length lists; correct: bools.
 
-    Returns (weights, info): weights as a list of lists of floats, info = per-token class lists
-    ('high', 'default', 'correct_only', 'incorrect_only', 'shared') and the set of clusters as
-    (sequence, kind) pairs.
+    Returns (weights, info): weights as a list of lists of floats, info (None for a group left
+    unchanged) = per-token class lists ('high', 'default', 'correct_only', 'incorrect_only',
+    'shared'), the set of clusters as (sequence, kind) pairs and the number of segment tokens.
     """
     n_c = sum(1 for c in correct if c)
     n_w = len(correct) - n_c
@@ -77,7 +77,8 @@ def group_weights(tokens, entropies, correct, mu=5, q=0.8):
         else:
             weights[i][t] = max(ws)
             classes[i][t] = "correct_only" if correct[i] else "incorrect_only"
-    return weights, {"classes": classes, "clusters": clusters}
+    n_seg = sum(len(seq) for segs in segments for _, seq in segs)
+    return weights, {"classes": classes, "clusters": clusters, "segment_tokens": n_seg}
 
 
 def batch_weights(token_ids, entropy, response_mask, correct, group_index, mu=5, q=0.8):

@@ -61,20 +61,32 @@ def check_against_oracle(batch, mu, q):
     expect, infos = less_oracle.batch_weights(*batch, mu=mu, q=q)
     torch.testing.assert_close(w, torch.tensor(expect, dtype=torch.float32).reshape(w.shape), rtol=0, atol=1e-7)
 
-    # The diagnostics too: distinct clusters per kind and covered tokens per class.
+    # The diagnostics too: distinct clusters per kind, token classes, mean weights by class.
     kinds = {"correct_only": 0, "incorrect_only": 0, "shared": 0}
-    classes = dict.fromkeys(kinds, 0)
-    for info in infos.values():
+    by_class, n_seg = {}, 0
+    for g, info in infos.items():
         if info is None:
             continue
+        n_seg += info["segment_tokens"]
         for _, kind in info["clusters"]:
             kinds[kind] += 1
-        for cl in info["classes"]:
-            for c in cl:
-                classes[c] = classes.get(c, 0) + 1
+        rows = [r for r in range(len(expect)) if int(batch[4][r]) == g]
+        for r, cl in zip(rows, info["classes"]):
+            for t, c in enumerate(cl):
+                by_class.setdefault(c, []).append(expect[r][t])
+    n_tok = sum(len(v) for v in by_class.values())
+    assert stats["tokens_shaped"] == n_tok
+    assert stats["groups_shaped"] == sum(info is not None for info in infos.values())
+    assert stats["frac_in_segment"] * n_tok == pytest.approx(n_seg)
+    assert stats["frac_high_entropy"] * n_tok == pytest.approx(len(by_class.get("high", [])))
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    assert stats["mean_weight"] == pytest.approx(mean([w for ws in by_class.values() for w in ws]))
+    assert stats["mean_weight_default"] == pytest.approx(mean(by_class.get("default", [])))
     for kind, n in kinds.items():
         assert stats[f"clusters_{kind}"] == n, kind
-        assert stats[f"frac_tokens_{kind}"] * stats["tokens_shaped"] == pytest.approx(classes[kind])
+        assert stats[f"frac_tokens_{kind}"] * n_tok == pytest.approx(len(by_class.get(kind, [])))
+        if kind != "shared":
+            assert stats[f"mean_weight_{kind}"] == pytest.approx(mean(by_class.get(kind, [])))
     return w
 
 
@@ -83,6 +95,37 @@ def check_against_oracle(batch, mu, q):
 def test_random_groups_match_oracle(seed, mu, q):
     rng = np.random.default_rng(1000 * seed + mu)
     check_against_oracle(random_batch(rng, 12), mu, q)
+
+
+def loop_batch(rng, n_groups, length=80):
+    """Repetition loops (period 1-4) with rare substitutions, in most responses of a group; a few
+    high-entropy tokens inside the loops cut them into many overlapping fragments."""
+    rows = []
+    for g in range(n_groups):
+        pattern = rng.integers(0, 6, size=int(rng.integers(1, 5)))
+        for _ in range(int(rng.integers(2, 7))):
+            start = int(rng.integers(0, length // 2))
+            toks = rng.integers(0, 6, size=length)
+            toks[start:] = np.resize(np.roll(pattern, int(rng.integers(len(pattern)))), length - start)
+            flip = rng.random(length) < 0.02
+            toks[flip] = rng.integers(0, 6, size=int(flip.sum()))
+            ents = np.where(rng.random(length) < 0.85, rng.choice([0.01, 0.02, 0.05], size=length), 2.0)
+            rows.append((toks, ents, bool(rng.random() < 0.5), g))
+    b = len(rows)
+    order = rng.permutation(b)
+    return (
+        torch.tensor(np.stack([rows[i][0] for i in order])),
+        torch.tensor(np.stack([rows[i][1] for i in order]), dtype=torch.float32),
+        torch.ones(b, length, dtype=torch.bool),
+        torch.tensor([rows[i][2] for i in order]),
+        torch.tensor([rows[i][3] for i in order]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("mu", [1, 3, 5])
+def test_repetition_loops_match_oracle(seed, mu):
+    check_against_oracle(loop_batch(np.random.default_rng(seed), 6), mu, 0.8)
 
 
 def test_long_responses_with_large_vocab_match_oracle():
@@ -188,6 +231,7 @@ def test_hash_collisions_never_change_weights(monkeypatch):
     rng = np.random.default_rng(11)
     for mu in (1, 3, 5):
         check_against_oracle(random_batch(rng, 10, vocab=6), mu, 0.8)
+        check_against_oracle(loop_batch(rng, 4), mu, 0.8)
 
 
 def test_rejects_bad_inputs():

@@ -63,15 +63,12 @@ def release_workspace() -> None:
 
 
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """BASE**i and BASE**-i mod 2**64 for i < n, cached (and recomputed when _BASE changes)."""
-    pw, inv = _ws.bufs.get("pw"), _ws.bufs.get("inv")
-    if pw is None or pw.size < n or int(pw[1]) != _BASE % (1 << 64):
-        m = max(n, 1 << 16)
-        pw = _ws.bufs["pw"] = np.full(m, _BASE, dtype=np.uint64)
-        inv = _ws.bufs["inv"] = np.full(m, _BASE_INV, dtype=np.uint64)
-        pw[0] = inv[0] = 1
-        np.multiply.accumulate(pw, out=pw)
-        np.multiply.accumulate(inv, out=inv)
+    """BASE**i and BASE**-i mod 2**64 for i < n."""
+    pw = np.full(max(n, 1), _BASE, dtype=np.uint64)
+    inv = np.full(max(n, 1), _BASE_INV, dtype=np.uint64)
+    pw[0] = inv[0] = 1
+    np.multiply.accumulate(pw, out=pw)
+    np.multiply.accumulate(inv, out=inv)
     return pw, inv
 
 
@@ -126,14 +123,24 @@ class _Packed:
 
 
 def _equal_spans(packed: _Packed, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """tok[a:a+l] == tok[b:b+l] for each triple (l >= packed.min_len), compared exactly."""
+    """tok[a:a+l] == tok[b:b+l] for each triple, compared exactly (l >= 0)."""
     out = np.ones(a.size, dtype=bool)
-    todo = np.flatnonzero(a != b)
-    if todo.size == 0:
-        return out
-    words, k = packed.get(), packed.k
+    todo = np.flatnonzero((a != b) & (lengths > 0))
+    k = packed.k
+    short = todo[lengths[todo] < k]
+    if short.size:  # too short for a packed word: token by token
+        out[short] = _compare_words(packed.tok, 1, a[short], b[short], lengths[short])
+    todo = todo[lengths[todo] >= k]
+    if todo.size:
+        out[todo] = _compare_words(packed.get(), k, a[todo], b[todo], lengths[todo])
+    return out
+
+
+def _compare_words(words: np.ndarray, k: int, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Span equality through words of k tokens (all lengths >= k)."""
+    out = np.empty(a.size, dtype=bool)
     full = lengths // k  # whole words per span; a last, overlapping word covers the remainder
-    for part in _mass_chunks(todo, full[todo]):
+    for part in _mass_chunks(np.arange(a.size), full):
         c, ln, pa, pb = full[part], lengths[part], a[part], b[part]
         wa = _ws.get("wa", int(c.sum()), words.dtype)
         wb = _ws.get("wb", wa.size, words.dtype)
@@ -148,8 +155,111 @@ def _equal_spans(packed: _Packed, a: np.ndarray, b: np.ndarray, lengths: np.ndar
     return out
 
 
-def _window_hash(q: np.ndarray, pw: np.ndarray, start: np.ndarray, length) -> np.ndarray:
-    return (q[start + length] - q[start]) * pw[start]
+def _verify_occurrences(packed, key, key_start, pos, length, host, known) -> np.ndarray:
+    """Exact check that `key` (starting at key_start) occurs at pos, for each candidate.
+
+    Consecutive candidates of one key inside one host segment at distance d < length (periodic
+    text, e.g. repetition loops) are chained instead of compared in full: if K occurs at p, then
+    K occurs at p + d iff K has period d and the d tokens after the first occurrence continue it.
+    A chain starts from a full comparison (or a `known` match), so a run of occurrences costs
+    O(L + run length) instead of O(L * occurrences). Whatever a chain cannot confirm is compared
+    in full.
+    """
+    n = int(pos.max()) + 1 if pos.size else 1
+    order = np.argsort(key * n + pos) if int(key.max(initial=0)) < (1 << 62) // n else np.lexsort((pos, key))
+    h, p, ln, ks = host[order], pos[order], length[order], key_start[order]
+    d = np.r_[0, p[1:] - p[:-1]]
+    link = np.r_[False, (key[order][1:] == key[order][:-1]) & (h[1:] == h[:-1])] & (d < ln)
+    ok = np.empty(p.size, dtype=bool)
+    anchor = np.flatnonzero(~link)
+    ok[anchor] = known[order][anchor] | _equal_spans(packed, ks[anchor], p[anchor], ln[anchor])
+    li = np.flatnonzero(link)
+    if li.size:
+        dl, kl, ll = d[li], ks[li], ln[li]
+        # Period d of the key, once per distinct (key, d).
+        uniq, inv = _unique_inverse(kl * (int(dl.max()) + 1) + dl)
+        first = np.empty(uniq.size, dtype=np.int64)
+        first[inv] = np.arange(inv.size)  # any member: all share key and d
+        periodic = _equal_spans(packed, kl[first] + dl[first], kl[first], ll[first] - dl[first])[inv]
+        # The tail: the last max(d, k) tokens (given the period and the previous occurrence, the
+        # extra k - d tokens of a whole word are equal anyway, so one word does for d <= k).
+        w = np.maximum(dl, packed.k)
+        tail = _equal_spans(packed, p[li] + ll - w, kl + ll - w, w)
+        ok[li] = periodic & tail
+    # A chain holds while every link from its anchor holds.
+    fails = np.cumsum(~ok)
+    chain_start = np.maximum.accumulate(np.where(link, 0, np.arange(p.size)))
+    held = fails - fails[chain_start] + ~ok[chain_start] == 0
+    redo = np.flatnonzero(~held & link)
+    held[redo] = _equal_spans(packed, ks[redo], p[redo], ln[redo])
+    out = np.empty(p.size, dtype=bool)
+    out[order] = held
+    return out
+
+
+def _unique_inverse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(x, return_inverse=True) through a sort (numpy's hashing path is slow here)."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    inv = np.empty(x.size, dtype=np.int64)
+    inv[order] = np.cumsum(new) - 1
+    return xs[new], inv
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    x = np.sort(x)
+    return x[np.r_[True, x[1:] != x[:-1]]] if x.size else x
+
+
+class _WindowHash:
+    """Hash of any window inside one row, O(1) from per-row prefix sums.
+
+    q[r, c] = sum_{k < c} x[r, k] * BASE**-k with x = token + salt(group), so that
+    (q[r, c + L] - q[r, c]) * BASE**c does not depend on where the window sits. Positions are
+    flat indices f = r * T + c into [B, T].
+    """
+
+    def __init__(self, tok2d: np.ndarray, gid: np.ndarray) -> None:
+        b, t = tok2d.shape
+        self.t = t
+        self.pw, inv = _powers(t + 1)
+        q = self.q2 = _ws.get("q", b * (t + 1), np.uint64).reshape(b, t + 1)
+        q[:, 0] = 0
+        salt = (gid.astype(np.uint64) + np.uint64(1)) * _SALT
+        step = max(1, _CHUNK // max(t, 1))
+        for r0 in range(0, b, step):
+            r1 = min(b, r0 + step)
+            part = q[r0:r1, 1:]
+            np.add(tok2d[r0:r1].view(np.uint64), salt[r0:r1, None], out=part)
+            np.multiply(part, inv[:t], out=part)
+            np.cumsum(part, axis=1, out=part)
+        self.q = q.reshape(-1)
+
+    def __call__(self, f: np.ndarray, length) -> np.ndarray:
+        r = f // self.t
+        qi = f + r
+        return (self.q[qi + length] - self.q[qi]) * self.pw[f - r * self.t]
+
+    def window_hits(self, mu: int, bitmap: np.ndarray, shift: np.uint64) -> np.ndarray:
+        """Flat positions of all length-mu windows whose hash's top bits are set in bitmap."""
+        b, t1 = self.q2.shape
+        width = t1 - mu  # window starts per row
+        if width <= 0:
+            return np.zeros(0, dtype=np.int64)
+        hit = _ws.get("hit", b * width, bool).reshape(b, width)
+        step = max(1, _CHUNK // width)
+        h_buf = _ws.get("h", step * width, np.uint64)
+        for r0 in range(0, b, step):
+            r1 = min(b, r0 + step)
+            h = h_buf[: (r1 - r0) * width].reshape(r1 - r0, width)
+            np.subtract(self.q2[r0:r1, mu:], self.q2[r0:r1, :width], out=h)
+            np.multiply(h, self.pw[:width], out=h)
+            np.right_shift(h, shift, out=h)
+            np.take(bitmap, h.view(np.int64), out=hit[r0:r1], mode="clip")
+        idx = np.flatnonzero(hit)
+        r = idx // width
+        return idx + r * (self.t - width)
 
 
 def _dedup(packed, starts, lengths, groups, full_hash) -> np.ndarray:
@@ -310,30 +420,16 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     b, t = tok2d.shape
     n = b * t
     tok = tok2d.reshape(-1)
-    pw, inv = _powers(n + 1)
-
-    # q[i] = sum_{k < i} x_k * BASE**-k, x = token + salt(group), so that a window's hash
-    # (q[p + L] - q[p]) * BASE**p does not depend on where the window sits.
-    q = _ws.get("q", n + 1, np.uint64)
-    q[0] = 0
-    salt = (gid.astype(np.uint64) + np.uint64(1)) * _SALT
-    step = max(1, _CHUNK // t)
-    for r0 in range(0, b, step):
-        r1 = min(b, r0 + step)
-        part = q[r0 * t + 1 : r1 * t + 1]
-        np.add(tok2d[r0:r1].view(np.uint64), salt[r0:r1, None], out=part.reshape(r1 - r0, t))
-        np.multiply(part, inv[r0 * t : r1 * t], out=part)
-        np.cumsum(part, out=part)
-        part += q[r0 * t]
+    whash = _WindowHash(tok2d, gid)
 
     seg_g = gid[seg_f // t]
     packed = _Packed(tok, mu)
-    rep = _dedup(packed, seg_f, seg_len, seg_g, _window_hash(q, pw, seg_f, seg_len))
+    rep = _dedup(packed, seg_f, seg_len, seg_g, whash(seg_f, seg_len))
     keys = np.flatnonzero(rep == np.arange(rep.size))
     seg_key = np.searchsorted(keys, rep)  # key index of each segment's class
     k_f, k_len, k_g = seg_f[keys], seg_len[keys], seg_g[keys]
-    k_full = _window_hash(q, pw, k_f, k_len)
-    k_head = _window_hash(q, pw, k_f, mu)
+    k_full = whash(k_f, k_len)
+    k_head = whash(k_f, mu)
 
     # Candidate positions: windows whose mu-gram hash hits the bitmap of key heads.
     bits = int(np.clip(np.ceil(np.log2(keys.size * 32.0)), 12, 24))
@@ -341,24 +437,14 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     bitmap = _ws.get("bitmap", 1 << bits, bool)
     bitmap.fill(False)
     bitmap[(k_head >> shift).view(np.int64)] = True
-    m = n - mu + 1
-    hit = _ws.get("hit", m, bool)
-    h_buf = _ws.get("h", _CHUNK, np.uint64)
-    for a in range(0, m, _CHUNK):
-        z = min(m, a + _CHUNK)
-        h = h_buf[: z - a]
-        np.subtract(q[a + mu : z + mu], q[a:z], out=h)
-        np.multiply(h, pw[a:z], out=h)
-        np.right_shift(h, shift, out=h)
-        np.take(bitmap, h.view(np.int64), out=hit[a:z], mode="clip")
-    cand = np.flatnonzero(hit)
+    cand = whash.window_hits(mu, bitmap, shift)
     # Windows are searched only inside one copy of each distinct segment (its "host"); matches are
     # then replicated to the other copies, which _dedup proved identical.
     host = np.searchsorted(k_f, cand, side="right") - 1
     room = np.where(host >= 0, k_f[host] + k_len[host] - cand, 0)
     inside = room >= mu
     cand, host, room = cand[inside], host[inside], room[inside]
-    c_head = _window_hash(q, pw, cand, mu)
+    c_head = whash(cand, mu)
 
     # Join candidates with keys on the exact head hash, through buckets of sorted heads.
     by_head = np.argsort(k_head)
@@ -374,32 +460,36 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     for part in _mass_chunks(some, cnt[some]):
         c = cnt[part]
         hidx = _expand(lo[part], c, "pairs")
-        same = heads[hidx] == np.repeat(c_head[part], c)
-        key = by_head[hidx[same]]
-        pos, hs = np.repeat(cand[part], c)[same], np.repeat(host[part], c)[same]
+        owner = np.repeat(part, c)
+        same = heads[hidx] == c_head[owner]
+        key, owner = by_head[hidx[same]], owner[same]
         ln = k_len[key]
-        fits = ln <= np.repeat(room[part], c)[same]
-        key, pos, hs, ln = key[fits], pos[fits], hs[fits], ln[fits]
+        fits = ln <= room[owner]
+        key, owner, ln = key[fits], owner[fits], ln[fits]
+        pos, hs = cand[owner], host[owner]
         off = pos - k_f[hs]
         known = (off == 0) & (hs == key)
         # A distinct key of the same length at a host's start cannot match it.
-        check = ~known & ~((off == 0) & (k_len[hs] == ln)) & (k_g[hs] == k_g[key])
-        check[check] &= _window_hash(q, pw, pos[check], ln[check]) == k_full[key[check]]
-        check[check] = _equal_spans(packed, k_f[key[check]], pos[check], ln[check])
-        ok = known | check
+        maybe = known | (~((off == 0) & (k_len[hs] == ln)) & (k_g[hs] == k_g[key]))
+        maybe[maybe] &= known[maybe] | (whash(pos[maybe], ln[maybe]) == k_full[key[maybe]])
+        key, hs, off, pos, ln, known = key[maybe], hs[maybe], off[maybe], pos[maybe], ln[maybe], known[maybe]
+        ok = _verify_occurrences(packed, key, k_f[key], pos, ln, hs, known)
         m_key.append(key[ok])
         m_host.append(hs[ok])
         m_off.append(off[ok])
     m_key, m_host, m_off = np.concatenate(m_key), np.concatenate(m_host), np.concatenate(m_off)
+    # Every copy of a host holds the host's matches: carriers and coverage are worked out per
+    # host, then spread over its copies.
     copies = np.argsort(seg_key, kind="stable")
     n_copies = np.bincount(seg_key, minlength=keys.size)
-    c = n_copies[m_host]
-    occ_key = np.repeat(m_key, c)
-    occ_pos = seg_f[copies[_expand((np.cumsum(n_copies) - n_copies)[m_host], c, "copies")]] + np.repeat(m_off, c)
+    first_copy = np.cumsum(n_copies) - n_copies
 
-    # Carriers: distinct responses among each key's occurrences (its own included).
-    code = np.sort(occ_key * b + occ_pos // t)
-    code = code[np.r_[True, code[1:] != code[:-1]]]
+    # Carriers: distinct responses holding a copy of a host that contains the key.
+    kh = _sorted_unique(m_key * keys.size + m_host)
+    kh_key, kh_host = kh // keys.size, kh % keys.size
+    c = n_copies[kh_host]
+    rows = seg_f[copies[_expand(first_copy[kh_host], c, "copies")]] // t
+    code = _sorted_unique(np.repeat(kh_key, c) * b + rows)
     p_key, p_row = code // b, code % b
     carriers = np.bincount(p_key, minlength=keys.size)
     right = np.bincount(p_key, weights=corr[p_row], minlength=keys.size)
@@ -408,28 +498,35 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
         value = np.where(kinds == 1, carriers / n_c[k_g], np.where(kinds == 2, carriers / n_w[k_g], np.inf))
     value = value.astype(np.float32)  # "largest" is decided on the float32 weights written
 
-    # Step 6 without a scatter-max: per weight level, merge the level's intervals into disjoint
-    # ones, then write levels in increasing order, shared (inf, written as 0) last.
-    sel = kinds[occ_key] > 0
-    occ_key, occ_pos = occ_key[sel], occ_pos[sel]
-    if occ_key.size == 0:
+    # Step 6 without a scatter-max: merge each (weight level, host)'s occurrences into disjoint
+    # intervals, spread them over the host's copies, then write levels in increasing order,
+    # shared (inf, written as 0) last.
+    sel = kinds[m_key] > 0
+    m_key, m_host, m_off = m_key[sel], m_host[sel], m_off[sel]
+    if m_key.size == 0:
         return kinds
-    vals = value[occ_key]
-    levels = np.sort(vals)
-    levels = levels[np.r_[True, levels[1:] != levels[:-1]]]
-    s = np.searchsorted(levels, vals) * (n + 1) + occ_pos
+    vals = value[m_key]
+    levels = _sorted_unique(vals)
+    span = t + 1
+    s = (np.searchsorted(levels, vals) * keys.size + m_host) * span + m_off
     order = np.argsort(s)
     s = s[order]
-    e = np.maximum.accumulate(s + k_len[occ_key[order]])
+    e = np.maximum.accumulate(s + k_len[m_key[order]])
     first = np.flatnonzero(np.r_[True, s[1:] > e[:-1]])
     ms = s[first]
     me = e[np.r_[first[1:] - 1, s.size - 1]]
-    level = ms // (n + 1)
+    lh, start = ms // span, ms % span
+    level, host = lh // keys.size, lh % keys.size
+    c = n_copies[host]
+    at = seg_f[copies[_expand(first_copy[host], c, "copies")]] + np.repeat(start, c)
+    size, level = np.repeat(me - ms, c), np.repeat(level, c)
+    by_level = np.argsort(level, kind="stable")
+    at, size, level = at[by_level], size[by_level], level[by_level]
     for lv in range(levels.size):
         a, z = np.searchsorted(level, [lv, lv + 1])
         v = levels[lv]
-        for part in _mass_chunks(np.arange(a, z), (me - ms)[a:z]):
-            idx = _expand(ms[part] - lv * (n + 1), (me - ms)[part], "cover")
+        for part in _mass_chunks(np.arange(a, z), size[a:z]):
+            idx = _expand(at[part], size[part], "cover")
             w_flat[idx] = 0.0 if np.isinf(v) else v
             if cls is not None:
                 cls[idx] = 3 if np.isinf(v) else 1
