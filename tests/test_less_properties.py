@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 try:
     from tests import less_oracle
@@ -250,3 +252,25 @@ def test_half_precision_entropy_is_compared_exactly():
     ent16 = ent.to(torch.bfloat16)
     w = less_token_weights(tok, ent16, mask, correct, group, mu=3)
     torch.testing.assert_close(w, less_token_weights(tok, ent16.float(), mask, correct, group, mu=3), rtol=0, atol=0)
+
+
+response = st.tuples(
+    st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.1, 0.1, 0.5, 1.0, 3.0])), max_size=24),
+    st.booleans(),
+    st.integers(0, 3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(response, min_size=1, max_size=12), mu=st.integers(1, 4), q=st.sampled_from([0.8, 0.5, 0.9]))
+def test_hypothesis_batches_match_oracle(rows, mu, q):
+    t = max(len(r[0]) for r in rows)
+    tok = torch.zeros(len(rows), t, dtype=torch.long)
+    ent = torch.zeros(len(rows), t)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, (cells, _, _) in enumerate(rows):
+        for j, (tk, h) in enumerate(cells):
+            tok[i, j], ent[i, j], mask[i, j] = tk, h, True
+    correct = torch.tensor([r[1] for r in rows])
+    group = torch.tensor([r[2] for r in rows])
+    check_against_oracle((tok, ent, mask, correct, group), mu, q)

@@ -2,19 +2,29 @@
 
 `less_token_weights` returns the per-token weight w of the spec; shaped advantages are
 ``w * A[:, None]``. The whole batch is processed at once with numpy: no Python loop over groups
-or responses.
+or responses. This is the spec's rule (every carrier counts; a token takes 0 if any covering
+cluster is shared, else the largest weight), not the authors' reference code, which links a
+segment only to the first other response containing it and lets later clusters overwrite
+earlier ones (see the spec's notes for how often the two differ).
 
 How carriers are found without comparing every key with every window:
-  * every segment is a key; identical keys of a group are merged first (sorted by a full-length
-    hash, then compared token by token), so each distinct sequence is searched for once;
-  * K can only occur at a window whose first `mu` tokens equal K's first `mu` tokens, so one hash of
-    every mu-token window of the batch, looked up in a bitmap of key prefixes, gives a short list of
+  * every segment is a key; identical segments of a group are merged first (sorted by a
+    full-length hash, then compared token by token), so each distinct sequence is searched for
+    once, and only inside one copy of each distinct segment (its "host"): what is found there
+    holds in every copy;
+  * K can only occur where the window's first `mu` tokens equal K's, so one hash of every
+    mu-token window of the batch, looked up in a bitmap of key prefixes, gives a short list of
     candidate positions; a full-length hash then drops most wrong (key, position) pairs in O(1);
-  * every remaining pair is compared token by token, so a hash collision can cost time but never
-    change a weight. Pairs already compared while merging identical keys are not compared twice.
-Hashes are polynomial mod 2**64 over prefix sums (uint64 wrap-around), so the hash of any window
-is O(1) from two prefix values; the group id is folded into the token values so that windows of
-different prompts rarely meet, and group equality is re-checked exactly anyway.
+  * every remaining pair is confirmed exactly (token ids packed several to a word; runs of
+    overlapping occurrences in periodic text are chained), so a hash collision can cost time but
+    never change a weight.
+Hashes are polynomial mod 2**64 over per-row prefix sums (uint64 wrap-around), so the hash of any
+window is O(1) from two prefix values; the group id is folded into the token values so that
+windows of different prompts rarely meet, and group equality is re-checked exactly anyway.
+
+Cost: about linear in the batch plus the number of (key, occurrence) pairs. Text that repeats
+itself (repetition loops cut into many fragments) makes that number grow quadratically; see
+benchmarks/RESULTS.md for measured times.
 
 Speed notes (2-core VM): passes over the whole batch run in L2-sized chunks, and large scratch
 arrays are kept between calls, because first-touching fresh memory there costs more than the
@@ -34,7 +44,7 @@ _BASE = 0x9E3779B97F4A7C15  # odd, so invertible mod 2**64
 _BASE_INV = pow(_BASE, -1, 1 << 64)
 _SALT = np.uint64(0xD6E8FEB86659FD93)
 _CHUNK = 1 << 16  # elements per step of a pass over the batch (fits L2 with its temporaries)
-_MAX_MASS = 1 << 23  # pairs / tokens expanded at once: bounds memory on degenerate batches
+_MAX_MASS = 1 << 22  # pairs / words expanded at once: bounds scratch memory on degenerate batches
 _lock = threading.Lock()
 
 
@@ -57,7 +67,8 @@ _ws = _Workspace()
 
 
 def release_workspace() -> None:
-    """Free the scratch memory kept between calls (about 30 bytes per token of the largest batch)."""
+    """Free the scratch memory kept between calls (~36 bytes per token of the largest batch seen:
+    ~450 MB for 512 x 8 x 3072 tokens)."""
     with _lock:
         _ws.bufs.clear()
 
@@ -98,16 +109,15 @@ class _Packed:
     spans exactly takes ~L/k word comparisons instead of L token comparisons. Built on first use."""
 
     def __init__(self, tok: np.ndarray, min_len: int) -> None:
-        self.tok, self.min_len, self.words = tok, min_len, None
         lo, hi = (int(tok.min()), int(tok.max())) if tok.size else (0, 0)
-        bits = max(1, hi.bit_length())
-        self.k = min(64 // bits, min_len) if lo >= 0 else 1
+        self.k = min(64 // max(1, hi.bit_length()), min_len) if lo >= 0 else 1
+        self.tok, self.words = tok.view(np.uint64), None  # one dtype for all comparison buffers
 
     def get(self) -> np.ndarray:
         if self.k == 1:
             return self.tok
         if self.words is None:
-            tok, k = self.tok.view(np.uint64), self.k
+            tok, k = self.tok, self.k
             bits = np.uint64(64 // k)
             n = tok.size - k + 1  # words that stay inside the batch; spans never need the others
             words = self.words = _ws.get("words", max(n, 0), np.uint64)
@@ -418,7 +428,6 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     if seg_f.size == 0:
         return np.zeros(0, dtype=np.int8)
     b, t = tok2d.shape
-    n = b * t
     tok = tok2d.reshape(-1)
     whash = _WindowHash(tok2d, gid)
 
