@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_less.algos.less import less_token_weights  # noqa: E402
-from tests.less_oracle import group_weights  # noqa: E402
+from megatron_less.algos.less import less_token_weights
+from tests.less_oracle import group_weights
 
 VOCAB = 151_936
 
@@ -46,7 +46,9 @@ def make_batch(prompts: int, responses: int, tokens: int, seed: int = 0):
                 if u < 0.45:
                     run = pool[int(rng.integers(len(pool)))]
                 elif u < 0.55:
-                    run = np.concatenate([pool[int(rng.integers(len(pool)))], pool[int(rng.integers(len(pool)))]])
+                    run = np.concatenate(
+                        [pool[int(rng.integers(len(pool)))], pool[int(rng.integers(len(pool)))]]
+                    )
                 elif u < 0.65:
                     run = common[int(rng.integers(len(common)))]
                 else:
@@ -98,24 +100,33 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=3072)
     ap.add_argument("--oracle-groups", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--loops", type=float, default=0.0, help="fraction of responses ending in a repetition loop")
+    ap.add_argument(
+        "--loops", type=float, default=0.0, help="fraction of responses ending in a repetition loop"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-          "(wall time suffers when others run; CPU time is this process's own)")
+    print(
+        f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+        "(wall time suffers when others run; CPU time is this process's own)"
+    )
 
     t0 = time.perf_counter()
     batch = make_batch(args.prompts, args.responses, args.tokens)
     if args.loops:
         batch = add_loops(batch, args.loops)
-    print(f"batch: {args.prompts} prompts x {args.responses} responses x {args.tokens} tokens "
-          f"({batch[0].numel() / 1e6:.1f}M tokens, loops in {args.loops:.0%}), generated in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"batch: {args.prompts} prompts x {args.responses} responses x {args.tokens} tokens "
+        f"({batch[0].numel() / 1e6:.1f}M tokens, loops in {args.loops:.0%}), generated in {time.perf_counter() - t0:.1f} s"
+    )
 
     runs = []
     for i in range(args.repeats):
         (w, stats), wall, cpu = timed(less_token_weights, *batch, return_stats=True)
         runs.append((wall, cpu))
-        print(f"  run {i}: wall {wall:.3f} s, CPU {cpu:.3f} s" + ("  (first call: allocates scratch memory)" if i == 0 else ""))
+        print(
+            f"  run {i}: wall {wall:.3f} s, CPU {cpu:.3f} s"
+            + ("  (first call: allocates scratch memory)" if i == 0 else "")
+        )
     print("stats: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
     steady = runs[1:] or runs
     best_wall, best_cpu = min(r[0] for r in steady), min(r[1] for r in steady)
@@ -129,16 +140,24 @@ def main() -> None:
         oracle_cpu.append(cpu)
         got, _, cpu = timed(less_token_weights, *sub)
         alone_cpu.append(cpu)
-        assert np.array_equal(got.numpy(), np.asarray(ref, dtype=np.float32)), f"group {g} differs from the oracle"
+        assert np.array_equal(got.numpy(), np.asarray(ref, dtype=np.float32)), (
+            f"group {g} differs from the oracle"
+        )
         assert torch.equal(got, w[rows]), f"group {g}: alone and in the batch differ"
     oracle = float(np.mean(oracle_cpu))
     per_group = best_cpu / args.prompts
-    print(f"full batch, one core: CPU {best_cpu:.3f} s, wall {best_wall:.3f} s (best of {len(steady)} after the first); "
-          f"first call CPU {runs[0][1]:.3f} s, wall {runs[0][0]:.3f} s (goal <= 2 s)")
-    print(f"oracle: {oracle:.2f} s CPU per group (mean of {len(oracle_cpu)}); fast: {per_group * 1e3:.2f} ms per group "
-          f"inside the batch, {np.mean(alone_cpu) * 1e3:.1f} ms for one group alone")
-    print(f"speed-up per group: {oracle / per_group:,.0f}x inside the batch, {oracle / np.mean(alone_cpu):,.0f}x alone "
-          f"(goal >= 1000x); oracle weights identical on the {len(oracle_cpu)} groups")
+    print(
+        f"full batch, one core: CPU {best_cpu:.3f} s, wall {best_wall:.3f} s (best of {len(steady)} after the first); "
+        f"first call CPU {runs[0][1]:.3f} s, wall {runs[0][0]:.3f} s (goal <= 2 s)"
+    )
+    print(
+        f"oracle: {oracle:.2f} s CPU per group (mean of {len(oracle_cpu)}); fast: {per_group * 1e3:.2f} ms per group "
+        f"inside the batch, {np.mean(alone_cpu) * 1e3:.1f} ms for one group alone"
+    )
+    print(
+        f"speed-up per group: {oracle / per_group:,.0f}x inside the batch, {oracle / np.mean(alone_cpu):,.0f}x alone "
+        f"(goal >= 1000x); oracle weights identical on the {len(oracle_cpu)} groups"
+    )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-import megatron_less.algos as algos
+from megatron_less import algos
 from megatron_less.algos import registry
 from megatron_less.algos.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
 
@@ -34,11 +34,15 @@ def test_grpo_worked_example():
     torch.testing.assert_close(adv, torch.tensor([1, 1, -1, -1.0]) * 0.8660254, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("kind,fn", [("grpo", grpo_advantages), ("drgrpo", drgrpo_advantages), ("rloo", rloo_advantages)])
+@pytest.mark.parametrize(
+    "kind,fn", [("grpo", grpo_advantages), ("drgrpo", drgrpo_advantages), ("rloo", rloo_advantages)]
+)
 def test_interleaved_unequal_groups(kind, fn):
     g = torch.Generator().manual_seed(0)
     groups = torch.tensor([7, -3, 7, 10**12, -3, 7, 5, 10**12, 7, -3])  # 5 is a singleton
-    rewards = torch.randint(0, 3, (10,), generator=g).double() + torch.rand(10, generator=g, dtype=torch.float64)
+    rewards = torch.randint(0, 3, (10,), generator=g).double() + torch.rand(
+        10, generator=g, dtype=torch.float64
+    )
     rewards[groups == 10**12] = 0.5  # an all-equal group
     got = fn(rewards, groups)
     expect = per_group_reference(rewards.tolist(), groups.tolist(), kind)
@@ -60,12 +64,17 @@ def test_integer_and_bool_rewards():
 
 def test_registry_lookup_and_errors():
     assert algos.get_advantage("grpo") is grpo_advantages
-    assert algos.get_advantage("dr_grpo")(torch.tensor([1.0, 0.0]), torch.tensor([0, 0])).tolist() == [0.5, -0.5]
+    assert algos.get_advantage("dr_grpo")(torch.tensor([1.0, 0.0]), torch.tensor([0, 0])).tolist() == [
+        0.5,
+        -0.5,
+    ]
     with pytest.raises(KeyError, match=r"unknown advantage 'gpro'; valid: .*grpo.*rloo"):
         algos.get_advantage("gpro")
     with pytest.raises(KeyError, match="unknown shaper 'lesss'; valid: less, none"):
         algos.get_shaper("lesss")
-    with pytest.raises(KeyError, match="unknown policy_loss 'ppo'; valid: clip_cov, forking_tokens, kl_cov, ppo_clip"):
+    with pytest.raises(
+        KeyError, match="unknown policy_loss 'ppo'; valid: clip_cov, forking_tokens, kl_cov, ppo_clip"
+    ):
         algos.get_policy_loss("ppo")
     with pytest.raises(ValueError, match="already registered"):
         algos.register_advantage("grpo")(lambda r, g: r)

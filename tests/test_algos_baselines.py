@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import megatron_less.algos as algos
-from megatron_less.algos.entropy_baselines import centred_covariance, clip_cov_loss, forking_token_mask, kl_cov_loss
+from megatron_less import algos
+from megatron_less.algos.entropy_baselines import (
+    centred_covariance,
+    clip_cov_loss,
+    forking_token_mask,
+    kl_cov_loss,
+)
 from megatron_less.algos.losses import ppo_clip_loss
 
 
@@ -67,7 +72,9 @@ def test_clip_cov_zeroes_a_random_eligible_token_deterministically():
     picks = set()
     for seed in range(12):
         x = lp.clone().requires_grad_()
-        loss, m = clip_cov_loss(x, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed))
+        loss, m = clip_cov_loss(
+            x, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed)
+        )
         loss.backward()
         zero = {tuple(i) for i in (x.grad == 0).nonzero().tolist()}
         assert len(zero) == 2 and zero <= eligible
@@ -76,7 +83,9 @@ def test_clip_cov_zeroes_a_random_eligible_token_deterministically():
         for i, j in set(eligible | {(0, 1), (0, 3), (1, 1), (1, 3)}) - zero:
             assert x.grad[i, j].item() == pytest.approx(-adv[i, j].item() / 8)
         again = lp.clone().requires_grad_()
-        clip_cov_loss(again, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed))[0].backward()
+        clip_cov_loss(
+            again, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed)
+        )[0].backward()
         assert torch.equal(again.grad, x.grad)  # same seed, same choice
         picks.add(frozenset(zero))
     assert len(picks) > 1  # and the choice does depend on the seed
@@ -88,7 +97,9 @@ def test_clip_cov_skips_already_clipped_tokens():
     old[0, 0] = lp[0, 0] - 1.0  # ratio e > 1.28 with A > 0: clipped, so not eligible
     for seed in range(8):
         x = lp.clone().requires_grad_()
-        loss, _ = clip_cov_loss(x, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed))
+        loss, _ = clip_cov_loss(
+            x, old, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(seed)
+        )
         loss.backward()
         zero = {tuple(i) for i in (x.grad == 0).nonzero().tolist()}
         assert (0, 0) in zero  # zero gradient from the clip itself
@@ -98,7 +109,7 @@ def test_clip_cov_skips_already_clipped_tokens():
 def test_clip_cov_budget_is_at_least_one_and_gradcheck():
     adv, lp, mask = cov_example()
     x = lp.clone().requires_grad_()
-    loss, m = clip_cov_loss(x, lp + 0.01, adv, mask, generator=torch.Generator().manual_seed(0))
+    _, m = clip_cov_loss(x, lp + 0.01, adv, mask, generator=torch.Generator().manual_seed(0))
     assert m["cov_clipfrac"].item() == 1 / 8  # floor(2e-4 * 8) = 0 -> 1
     assert torch.autograd.gradcheck(
         lambda y: clip_cov_loss(y, lp + 0.01, adv, mask, generator=torch.Generator().manual_seed(0))[0], (x,)

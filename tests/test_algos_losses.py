@@ -21,7 +21,12 @@ TOKEN_LOSS = [[-1.1, -1.28, -0.5], [1.6, 2.4, 20.0], [-0.5, 0.0, 0.0]]  # by han
 
 def example(dtype=torch.float64):
     log_prob = torch.tensor(RATIOS, dtype=dtype).log().requires_grad_()
-    return log_prob, torch.zeros(3, 3, dtype=dtype), torch.tensor(ADV, dtype=dtype), torch.tensor(MASK, dtype=torch.bool)
+    return (
+        log_prob,
+        torch.zeros(3, 3, dtype=dtype),
+        torch.tensor(ADV, dtype=dtype),
+        torch.tensor(MASK, dtype=torch.bool),
+    )
 
 
 @pytest.mark.parametrize(
@@ -38,7 +43,9 @@ def test_ppo_clip_hand_values(mode, expected):
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert metrics["clipfrac"].item() == pytest.approx(2 / 7)
     assert metrics["clipfrac_dual"].item() == pytest.approx(1 / 7)
-    assert metrics["approx_kl"].item() == pytest.approx(-sum(math.log(r) for r in [1.1, 1.5, 0.5, 0.5, 1.2, 30.0, 1.0]) / 7)
+    assert metrics["approx_kl"].item() == pytest.approx(
+        -sum(math.log(r) for r in [1.1, 1.5, 0.5, 0.5, 1.2, 30.0, 1.0]) / 7
+    )
     assert metrics["ratio_max"].item() == pytest.approx(30.0)
     assert metrics["pg_loss"].item() == pytest.approx(expected, rel=1e-12)
 
@@ -61,7 +68,9 @@ def test_token_level_advantages_match_broadcast():
     assert a.item() == b.item()
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
 def test_micro_batches_sum_to_the_global_loss(mode):
     g = torch.Generator().manual_seed(0)
     lp = torch.randn(6, 5, generator=g, dtype=torch.float64) * 0.3
@@ -102,14 +111,18 @@ def test_kl_and_entropy_terms_add_to_the_loss():
     ref = torch.zeros(3, 3, dtype=torch.float64)
     ent = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 100.0, 100.0]], dtype=torch.float64)
     base, _ = ppo_clip_loss(log_prob, old, adv, mask)
-    loss, m = ppo_clip_loss(log_prob, old, adv, mask, ref_log_prob=ref, kl_coef=0.1, kl_type="k1", entropy=ent, entropy_coef=0.01)
+    loss, m = ppo_clip_loss(
+        log_prob, old, adv, mask, ref_log_prob=ref, kl_coef=0.1, kl_type="k1", entropy=ent, entropy_coef=0.01
+    )
     kl = sum(math.log(r) for r in [1.1, 1.5, 0.5, 0.5, 1.2, 30.0, 1.0]) / 7
     assert m["kl_ref"].item() == pytest.approx(kl)
     assert m["entropy"].item() == pytest.approx(28 / 7)
     assert loss.item() == pytest.approx(base.item() + 0.1 * kl - 0.01 * 4.0)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
 def test_gradcheck_ppo_clip_with_kl_and_entropy(mode):
     g = torch.Generator().manual_seed(1)
     old = torch.randn(3, 4, generator=g, dtype=torch.float64) * 0.2
@@ -121,7 +134,15 @@ def test_gradcheck_ppo_clip_with_kl_and_entropy(mode):
 
     def f(lp, ent):
         return ppo_clip_loss(
-            lp, old, adv, mask, loss_agg_mode=mode, ref_log_prob=ref, kl_coef=0.05, entropy=ent, entropy_coef=0.01
+            lp,
+            old,
+            adv,
+            mask,
+            loss_agg_mode=mode,
+            ref_log_prob=ref,
+            kl_coef=0.05,
+            entropy=ent,
+            entropy_coef=0.01,
         )[0]
 
     assert torch.autograd.gradcheck(f, (lp, ent))

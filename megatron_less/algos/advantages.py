@@ -15,7 +15,9 @@ from .registry import get_advantage, get_shaper, register_advantage, register_sh
 
 def _group_stats(rewards: torch.Tensor, group_index: torch.Tensor):
     if rewards.dim() != 1 or group_index.shape != rewards.shape:
-        raise ValueError(f"rewards and group_index must both be [B]; got {tuple(rewards.shape)}, {tuple(group_index.shape)}")
+        raise ValueError(
+            f"rewards and group_index must both be [B]; got {tuple(rewards.shape)}, {tuple(group_index.shape)}"
+        )
     r = rewards.detach().to(torch.float64)
     _, gid = torch.unique(group_index, return_inverse=True)
     n_groups = int(gid.max()) + 1 if gid.numel() else 0

@@ -21,7 +21,9 @@ from .losses import _agg_fn, add_regularisers, masked_mean, ppo_clip_token_losse
 from .registry import register_policy_loss
 
 
-def forking_token_mask(entropy: torch.Tensor, response_mask: torch.Tensor, top_ratio: float = 0.2) -> torch.Tensor:
+def forking_token_mask(
+    entropy: torch.Tensor, response_mask: torch.Tensor, top_ratio: float = 0.2
+) -> torch.Tensor:
     """Valid tokens whose entropy is >= the k-th largest valid entropy, k = max(1, ceil(top_ratio * N)).
 
     Ties at the threshold are all selected, so slightly more than k tokens may be chosen.
@@ -37,7 +39,9 @@ def forking_token_mask(entropy: torch.Tensor, response_mask: torch.Tensor, top_r
     return valid & (entropy.detach() >= threshold)
 
 
-def centred_covariance(advantages: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def centred_covariance(
+    advantages: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
     """Cov_t = (A_t - mean A)(log pi_t - mean log pi), means over valid tokens; detached."""
     a = advantages.detach()
     if a.dim() == 1:
@@ -48,7 +52,7 @@ def centred_covariance(advantages: torch.Tensor, log_prob: torch.Tensor, respons
 
 
 def _budget(ratio: float, n_valid: int) -> int:
-    return max(1, int(math.floor(ratio * n_valid)))
+    return max(1, math.floor(ratio * n_valid))
 
 
 @register_policy_loss("forking_tokens")

@@ -146,7 +146,9 @@ def _equal_spans(packed: _Packed, a: np.ndarray, b: np.ndarray, lengths: np.ndar
     return out
 
 
-def _compare_words(words: np.ndarray, k: int, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def _compare_words(
+    words: np.ndarray, k: int, a: np.ndarray, b: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
     """Span equality through words of k tokens (all lengths >= k)."""
     out = np.empty(a.size, dtype=bool)
     full = lengths // k  # whole words per span; a last, overlapping word covers the remainder
@@ -287,7 +289,9 @@ def _dedup(packed, starts, lengths, groups, full_hash) -> np.ndarray:
     rep[memb[same]] = lead[same]
     failed = memb[~same]  # hash collisions: sort those out among themselves
     if failed.size:
-        rep[failed] = failed[_dedup(packed, starts[failed], lengths[failed], groups[failed], full_hash[failed])]
+        rep[failed] = failed[
+            _dedup(packed, starts[failed], lengths[failed], groups[failed], full_hash[failed])
+        ]
     return rep
 
 
@@ -326,7 +330,9 @@ def _to_numpy(token_ids, entropy, response_mask, correct, group_index):
         )
     b = token_ids.shape[0]
     if correct.shape != (b,) or group_index.shape != (b,):
-        raise ValueError(f"correct and group_index must be [B] = [{b}]; got {tuple(correct.shape)}, {tuple(group_index.shape)}")
+        raise ValueError(
+            f"correct and group_index must be [B] = [{b}]; got {tuple(correct.shape)}, {tuple(group_index.shape)}"
+        )
     tok = token_ids.detach().cpu().contiguous().numpy().astype(np.int64, copy=False)
     ent = entropy.detach().cpu()
     if ent.dtype not in (torch.float32, torch.float64):
@@ -502,7 +508,9 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     p_key, p_row = code // b, code % b
     carriers = np.bincount(p_key, minlength=keys.size)
     right = np.bincount(p_key, weights=corr[p_row], minlength=keys.size)
-    kinds = np.where(carriers < 2, 0, np.where(right == carriers, 1, np.where(right == 0, 2, 3))).astype(np.int8)
+    kinds = np.where(carriers < 2, 0, np.where(right == carriers, 1, np.where(right == 0, 2, 3))).astype(
+        np.int8
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         value = np.where(kinds == 1, carriers / n_c[k_g], np.where(kinds == 2, carriers / n_w[k_g], np.inf))
     value = value.astype(np.float32)  # "largest" is decided on the float32 weights written
@@ -557,7 +565,7 @@ def _stats(weights, high, lengths, shaped, corr, default, seg_len, gid, kinds, c
     # Shared tokens weigh 0, so the covered tokens' weight is the weighted ones'.
     w_covered = np.add.reduce(weights, axis=1, dtype=np.float64, where=cls != 0)
     uncovered_low = n_low - covered
-    ratio = lambda num, den: float(num) / float(den) if den else 0.0  # noqa: E731
+    ratio = lambda num, den: float(num) / float(den) if den else 0.0
     return {
         "groups": float(gid.max() + 1) if b else 0.0,
         "groups_shaped": float(np.unique(gid[shaped]).size),

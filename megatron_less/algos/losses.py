@@ -90,7 +90,9 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_type: str 
     raise ValueError(f"unknown kl_type {kl_type!r}; valid: k1, k2, k3, low_var_kl")
 
 
-def ppo_clip_token_losses(log_prob, old_log_prob, advantages, *, clip_low=0.2, clip_high=0.28, dual_clip_c=10.0):
+def ppo_clip_token_losses(
+    log_prob, old_log_prob, advantages, *, clip_low=0.2, clip_high=0.28, dual_clip_c=10.0
+):
     """Per-token PPO-clip loss with decoupled clip range and dual-clip.
 
     Returns (loss [B, T], log_ratio, ratio, clipped, dual_clipped), the last two bool [B, T]:
@@ -115,7 +117,9 @@ def ppo_clip_token_losses(log_prob, old_log_prob, advantages, *, clip_low=0.2, c
     return loss, log_ratio, ratio, clipped, dual
 
 
-def add_regularisers(loss, metrics, log_prob, response_mask, agg, *, ref_log_prob, kl_coef, kl_type, entropy, entropy_coef):
+def add_regularisers(
+    loss, metrics, log_prob, response_mask, agg, *, ref_log_prob, kl_coef, kl_type, entropy, entropy_coef
+):
     """loss + kl_coef * KL(pi || pi_ref) - entropy_coef * entropy, each aggregated like the loss."""
     if ref_log_prob is not None and kl_coef:
         kl = agg(kl_penalty(log_prob, ref_log_prob, kl_type))

@@ -13,7 +13,7 @@ Signatures each kind must follow:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 _REGISTRIES: dict[str, dict[str, Callable]] = {"advantage": {}, "shaper": {}, "policy_loss": {}}
 
@@ -23,7 +23,9 @@ def _register(kind: str, name: str) -> Callable[[Callable], Callable]:
 
     def deco(fn: Callable) -> Callable:
         if name in table and table[name] is not fn:
-            raise ValueError(f"{kind} {name!r} is already registered (by {table[name].__module__}.{table[name].__qualname__})")
+            raise ValueError(
+                f"{kind} {name!r} is already registered (by {table[name].__module__}.{table[name].__qualname__})"
+            )
         table[name] = fn
         return fn
 
