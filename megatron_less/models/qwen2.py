@@ -146,6 +146,7 @@ def transformer_config(
 
     arch.check(tp, pp)
     on_gpu = torch.cuda.is_available()
+    fused_kernels = on_gpu and _have_te_or_apex()
     kw: dict[str, Any] = dict(
         num_layers=arch.num_hidden_layers,
         hidden_size=arch.hidden_size,
@@ -175,16 +176,22 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
-        masked_softmax_fusion=on_gpu,
-        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=fused_kernels,
+        bias_activation_fusion=on_gpu,  # torch.jit fusions: any CUDA build
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=fused_kernels,
     )
     if recompute:
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def _have_te_or_apex() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "apex"))
 
 
 def layer_spec():
