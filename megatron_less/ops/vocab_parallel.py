@@ -13,9 +13,13 @@ pass, so the whole call needs ONE collective at the end: an all-gather of a [T, 
 M = max_r m_r and w_r = exp(m_r - M) (the standard online-softmax merge):
 
     S0 = sum_r w_r S0_r,   S1 = sum_r w_r (S1_r + (m_r - M) S0_r)
-    logZ = M + log S0,     H = log S0 - S1 / S0
+    logZ = M + log S0,     H = log S0 - S1 / S0,    logprob = (z_t - M) - log S0
 
-The merge runs in float64 on [T] tensors (free, and it removes the merge's rounding).
+The merge runs in float64 on [T] tensors (free). Confident tokens (p_max -> 1, S0 -> 1) would
+lose everything to rounding in fp32 (S0 = 1 + tiny): so S0 - 1 is carried instead of S0 (the
+max's exp(0) = 1 removed before summing), log S0 = log1p(S0 - 1), and the m_r and z_t are raw
+fp32 logits (division by T happens in float64). Entropies down to ~1e-7 keep ~1e-7 relative
+accuracy; a naive fp32 pass gets them to ~1e-7 absolute.
 
 Backward. With l = log p = z - logZ, for upstream gradients g (log-prob) and h (entropy):
 
@@ -23,9 +27,10 @@ Backward. With l = log p = z - logZ, for upstream gradients g (log-prob) and h (
     d/dx_j = (g 1[j=t] - p_j (a + b l_j)) / T,   a = g + h H,  b = h
 
 Everything on the right is local given the saved per-token logZ and H, so backward does no
-communication; it recomputes p chunk by chunk instead of storing the [T, V] softmax. logZ is
-split into an fp32 head c and a float64 tail (exp(l) = exp(z - c) * exp(c - logZ)), the tail
-folded into the per-token a, b, so rounding logZ to fp32 never shifts every p_j at once.
+communication; it recomputes p chunk by chunk instead of storing the [T, V] softmax. T logZ is
+split into an fp32 head C and a float64 tail (l = (x - C)/T - tail), the tail folded into the
+per-token a, b, so rounding logZ to fp32 never shifts every p_j at once; the target's entry is
+written from float64 (1 - p_t = -expm1(logprob)), exact where fp32 1 - p_t would cancel.
 
 Memory beyond the input: a float32 workspace of two [chunk, Vr] buffers (d = z - m and exp(d)
 in forward; l and p in backward, where fp32 input lets p live in the gradient itself), reused
@@ -41,8 +46,7 @@ import torch.distributed as dist
 # Per buffer. CPU: two buffers that fit the L2 cache beat bigger ones (each chunk makes ~8
 # passes over its buffer). CUDA: big enough that kernel launches are noise next to the
 # memory traffic, small next to [T, V] logits (16k x 152k bf16 = 5 GB).
-_WORKSPACE_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
-_MAX_CPU_ROWS = 1 << 16
+_WORKSPACE_BYTES = {"cpu": 1 << 20, "cuda": 256 << 20}
 
 
 def default_chunk_size(vocab_per_rank: int, device: torch.device) -> int:
@@ -69,34 +73,39 @@ class _LogprobEntropy(torch.autograd.Function):
         n, vr = x.shape
         tp, rank = _group_info(group)
         tgt, owned = _local_target(target, rank, vr)
-        # per token: max x, S0 - 1, S1, x_t. Raw logits, not / T: exact, so the merge is too.
-        stats = torch.empty(n, 4, dtype=torch.float32, device=x.device)
+        # per token: max x, S0, S0 without the exact 1s, S1, x_t. Raw logits, not / T: exact,
+        # so the merge is too.
+        stats = torch.empty(n, 5, dtype=torch.float32, device=x.device)
         d = torch.empty(min(chunk, n), vr, dtype=torch.float32, device=x.device)
         e = torch.empty_like(d)
         for s in range(0, n, chunk):
             xc = x[s : s + chunk]
             k = xc.shape[0]
             dc, ec, st = d[:k], e[:k], stats[s : s + k]
-            mx, arg = xc.max(-1, keepdim=True)
-            mx = mx.float()
-            torch.sub(xc, mx, out=dc)  # fp32 (mx is): exact near the max (Sterbenz)
+            dc.copy_(xc)  # upcast first: mixed-dtype ops make hidden fp32 copies on CPU
+            mx = dc.amax(-1, keepdim=True)
+            dc.sub_(mx)  # exact near the max (Sterbenz)
             if temperature != 1.0:
                 dc.div_(temperature)  # not * 1/T: an extra rounding, amplified by exp
             st[:, 0] = mx.squeeze(-1)
             torch.exp(dc, out=ec)
-            # Sum without the max's exact 1: keeps S0 - 1 (and so low entropies) accurate.
-            st[:, 1] = ec.scatter_(-1, arg, 0.0).sum(-1)
+            st[:, 1] = ec.sum(-1)
+            # frac() zeroes the max's exact exp(0) = 1 (and ties): S0 - 1 stays accurate when
+            # S0 ~ 1, i.e. for the confident tokens whose low entropy matters most.
+            st[:, 2] = ec.frac_().sum(-1)
             if with_entropy:
-                st[:, 2] = dc.mul_(ec).sum(-1)
-            st[:, 3] = xc.gather(-1, tgt[s : s + k]).squeeze(-1).float()
-        stats[:, 3] = torch.where(owned, stats[:, 3], 0.0)
+                st[:, 3] = dc.mul_(ec).sum(-1)  # the 1s had d = 0: nothing lost
+            st[:, 4] = xc.gather(-1, tgt[s : s + k]).squeeze(-1).float()
         del d, e
+        ones = torch.round(stats[:, 1].double() - stats[:, 2].double())  # >= 1: the max, ties
+        stats = torch.stack([stats[:, 0].double(), stats[:, 2].double() + (ones - 1), stats[:, 3].double(),
+                             torch.where(owned, stats[:, 4], 0.0).double()], -1)
         if tp > 1:
             parts = [torch.empty_like(stats) for _ in range(tp)]
             dist.all_gather(parts, stats, group=group)
-            all_stats = torch.stack(parts).double()
+            all_stats = torch.stack(parts)
         else:
-            all_stats = stats.double().unsqueeze(0)
+            all_stats = stats.unsqueeze(0)
         mx, s0m1, s1, xt = all_stats.unbind(-1)  # each [tp, n]
         big_mx = mx.amax(0)
         shift = (mx - big_mx) / temperature  # m_r - M
@@ -158,13 +167,12 @@ class _LogprobEntropy(torch.autograd.Function):
             k = xc.shape[0]
             lc = l_buf[:k]
             pc = grad[s : s + k] if fp32 else p_buf[:k]
-            torch.sub(xc, big_c[s : s + k], out=lc)  # fp32 math: big_c is fp32
+            lc.copy_(xc).sub_(big_c[s : s + k])
             if t != 1.0:
                 lc.div_(t)
             torch.exp(lc, out=pc)
             if b is not None:
-                torch.addcmul(a[s : s + k], b[s : s + k], lc, out=lc)  # a + b l
-                pc.mul_(lc)
+                pc.mul_(lc.mul_(b[s : s + k]).add_(a[s : s + k]))  # addcmul is 3x slower on CPU
             else:
                 pc.mul_(a[s : s + k])
             tc = tgt[s : s + k]
