@@ -302,3 +302,19 @@ def test_hypothesis_batches_match_oracle(rows, mu, q):
     correct = torch.tensor([r[1] for r in rows])
     group = torch.tensor([r[2] for r in rows])
     check_against_oracle((tok, ent, mask, correct, group), mu, q)
+
+
+@pytest.mark.parametrize("scale,offset", [(1, 0), (1 << 20, 3), (1 << 40, 0), (1, -3)])
+def test_token_id_ranges_and_dtypes(scale, offset):
+    """Packing several ids to a word depends on the id range; negatives and huge ids must work."""
+    rng = np.random.default_rng(scale % 97 + offset + 3)
+    tok, ent, mask, correct, group = random_batch(rng, 8, vocab=5)
+    tok = tok * scale + offset
+    check_against_oracle((tok, ent.double(), mask, correct, group.int()), 3, 0.8)
+    # Non-contiguous inputs give the same weights.
+    t2 = torch.stack([tok, tok], 2)[:, :, 0]
+    assert not t2.is_contiguous() and torch.equal(t2, tok)
+    assert torch.equal(
+        less_token_weights(t2, ent, mask, correct, group, mu=3),
+        less_token_weights(tok, ent, mask, correct, group, mu=3),
+    )
