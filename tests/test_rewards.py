@@ -83,6 +83,11 @@ PAIRS = [
     ("x=5", "5", True),
     ("5", "x=5", True),
     ("y=2x+3", "2x+3", True),
+    ("0", "20x + 23y + 26z - 69 = 0", False),  # math-verify alone: equal (compares rhs only)
+    ("5", "x^2 = 5", False),
+    ("5", "2+3=5", True),
+    ("x = 4", "4", True),
+    ("2x+3", "y=2x+3", True),
     ("1,000", "1000", True),
     ("1000", "1,\\!000", True),
     ("\\frac{12}{5,\\!525}", "\\frac{12}{5525}", True),
@@ -272,8 +277,8 @@ def test_hung_worker_is_killed_and_replaced():
         # SIGSTOP is a hang that no in-process alarm can break (like a long C call).
         os.kill(pool.pids[0], signal.SIGSTOP)
         t0 = time.perf_counter()
-        results = pool.score(["\\boxed{1+1}"] * 5, ["2"] * 5, timeout=0.5)
-        assert time.perf_counter() - t0 < 10
+        results = pool.score(["\\boxed{1+1}"] * 5, ["2"] * 5, timeout=1.0)
+        assert time.perf_counter() - t0 < 15
         assert [r.reason for r in results] == ["timeout"] + ["correct"] * 4
         assert pool.restarts == 1
         assert pool.score(["\\boxed{x+x}"], ["2x"])[0].score == 1.0

@@ -23,6 +23,7 @@ from decimal import Decimal
 
 from latex2sympy2_extended.math_normalization import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from sympy import And, Eq, Symbol
 
 # Longer "answers" are rambling, not answers (the longest reference in MATH/OlympiadBench is
 # ~200 characters); refusing them up front keeps the LaTeX parser away from huge inputs.
@@ -170,6 +171,22 @@ def equivalent(extracted: str, reference: str, shortcuts: bool = True) -> bool:
         return quick
     gold = parse_reference(reference)
     pred = parse_answer(extracted)
+    if not any(isinstance(g, (Eq, And)) for g in gold):
+        pred = [p for p in pred if not _is_loose_equation(p)]
     if not gold or not pred:
         return False
     return verify(list(gold), pred, timeout_seconds=None)
+
+
+def _is_loose_equation(expr) -> bool:
+    """An equation whose left side is neither a plain variable nor a number.
+
+    Against a non-equation reference, math-verify compares only an equation's right side, so
+    "20x + 23y + 26z - 69 = 0" would earn the reward for the answer "0". Kept are assignments
+    ("y = 2x + 3" for "2x + 3") and worked arithmetic ("2 + 3 = 5" for "5").
+    """
+    rels = expr.args if isinstance(expr, And) else (expr,)
+    if not rels or not all(isinstance(r, Eq) for r in rels):
+        return False
+    lhs = rels[0].lhs
+    return not (isinstance(lhs, Symbol) or not lhs.free_symbols)

@@ -85,6 +85,8 @@ class VerifierPool:
         shortcuts: bool = True,
     ) -> list[ScoreResult]:
         timeout = check_timeout(timeout)
+        if not self._workers:
+            raise RuntimeError("VerifierPool.score called after close()")
         results: list[ScoreResult | None] = [None] * len(responses)
         extracted: dict[int, str] = {}
         for i, (resp, ref) in enumerate(zip(responses, references, strict=True)):
@@ -95,7 +97,16 @@ class VerifierPool:
                 extracted[i] = early
         if extracted:
             with self._lock:
-                self._run(extracted, references, results, (timeout, shortcuts))
+                try:
+                    self._run(extracted, references, results, (timeout, shortcuts))
+                except BaseException:
+                    # Interrupted (Ctrl-C) mid-batch: busy workers would send stale verdicts
+                    # into the next call, so start them afresh.
+                    for w in list(self._workers):
+                        if w.pending:
+                            w.pending.clear()
+                            self._replace(w)
+                    raise
         return results  # type: ignore[return-value]
 
     def _run(self, extracted, references, results, options) -> None:
@@ -123,28 +134,35 @@ class VerifierPool:
             wake = min((w.deadline for w in self._workers if w.pending or not w.ready), default=now)
             by_conn = {w.results: w for w in self._workers}
             for conn in wait(list(by_conn), timeout=max(0.0, wake - now)):
-                w = by_conn[conn]
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    if not w.ready:
-                        raise RuntimeError(
-                            f"reward worker (pid {w.proc.pid}) exited during start-up with "
-                            f"code {w.proc.wait()}; its traceback is on stderr above"
-                        ) from None
-                    self._lost(w, extracted, results, chunks, "error")
-                    continue
-                if msg == "ready":
-                    w.ready = True
-                    continue
-                idx, score, reason = msg
-                results[idx] = ScoreResult(score, extracted[idx], reason)
-                w.pending.popleft()
-                w.deadline = time.monotonic() + limit
+                self._receive(by_conn[conn], extracted, results, chunks, limit)
             now = time.monotonic()
             for w in list(self._workers):
                 if (w.pending or not w.ready) and now > w.deadline:
-                    self._lost(w, extracted, results, chunks, "timeout")
+                    # A verdict may have landed since wait() returned: read it before blaming
+                    # the item at the head of the queue.
+                    while w in self._workers and w.results.poll() and (w.pending or not w.ready):
+                        self._receive(w, extracted, results, chunks, limit)
+                    if w in self._workers and (w.pending or not w.ready) and time.monotonic() > w.deadline:
+                        self._lost(w, extracted, results, chunks, "timeout")
+
+    def _receive(self, w: _Worker, extracted, results, chunks, limit: float) -> None:
+        try:
+            msg = w.results.recv()
+        except (EOFError, OSError):
+            if not w.ready:
+                raise RuntimeError(
+                    f"reward worker (pid {w.proc.pid}) exited during start-up with "
+                    f"code {w.proc.wait()}; its traceback is on stderr above"
+                ) from None
+            self._lost(w, extracted, results, chunks, "error")
+            return
+        if msg == "ready":
+            w.ready = True
+            return
+        idx, score, reason = msg
+        results[idx] = ScoreResult(score, extracted[idx], reason)
+        w.pending.popleft()
+        w.deadline = time.monotonic() + limit
 
     def _lost(self, w: _Worker, extracted, results, chunks, reason: str) -> None:
         """``w`` hung or died: its current item gets ``reason``, the rest go back in line."""
