@@ -113,3 +113,17 @@ def test_grpo_plus_less_composes_from_names():
     assert torch.equal(plain, grpo_advantages(rewards, batch["group_index"])[:, None].expand(4, 10))
     assert shaped[0, 5] == 0 and shaped[3, 5] == pytest.approx(-0.4330127, abs=1e-6)
     assert stats["clusters_shared"] == 1.0
+
+
+def test_algos_import_no_distributed_or_megatron():
+    """algos is pure tensor math: the trainer passes global counts in instead."""
+    import ast
+    import pathlib
+
+    for path in pathlib.Path(algos.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(("torch.distributed", "megatron.")), (path.name, name)

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .losses import _agg_fn, add_regularisers, masked_mean, ppo_clip_token_losses, ppo_metrics
+from .losses import add_regularisers, make_aggregator, masked_mean, ppo_clip_token_losses, ppo_metrics
 from .registry import register_policy_loss
 
 
@@ -65,7 +65,7 @@ def forking_tokens_loss(
     every term (KL and entropy bonus included) is aggregated over the selected tokens, so a
     `global_num_tokens` passed here must count selected tokens, not all response tokens."""
     selected = forking_token_mask(entropy, response_mask, top_ratio)
-    agg = _agg_fn(selected, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
+    agg = make_aggregator(selected, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
     token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
         log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
     )
@@ -89,7 +89,7 @@ def clip_cov_loss(
 ):  # fmt: skip
     """Clip-Cov. The random choice draws from `generator` (a CPU torch.Generator) for determinism.
     "Already clipped" means clipping (ratio or dual) already set that token's gradient to zero."""
-    agg = _agg_fn(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
+    agg = make_aggregator(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
     token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
         log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
     )
@@ -121,7 +121,7 @@ def kl_cov_loss(
 ):  # fmt: skip
     """KL-Cov: unclipped policy gradient, |log ratio| penalty on the highest-covariance tokens
     (ties broken by position, so the choice is deterministic)."""
-    agg = _agg_fn(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
+    agg = make_aggregator(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
     ratio = log_ratio.exp()

@@ -133,7 +133,8 @@ def add_regularisers(
     return loss
 
 
-def _agg_fn(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len):
+def make_aggregator(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len):
+    """`aggregate` with everything but the per-token loss fixed."""
     return lambda x: aggregate(
         x,
         response_mask,
@@ -165,7 +166,7 @@ def ppo_clip_loss(
     entropy_coef: float = 0.0,
 ):
     """PPO-clip / GRPO policy loss (clip 0.2 low, 0.28 high, dual-clip c = 10 by default)."""
-    agg = _agg_fn(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
+    agg = make_aggregator(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
     token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
         log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
     )
