@@ -83,6 +83,14 @@ def test_hub_rows_are_mapped(monkeypatch, tmp_path):
     assert B.load_benchmark("amc23", tmp_path)[0].answer == "27"
     assert calls[0] == ("math-ai/olympiadbench", None, "test")
 
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"aime25: no offline copy at .*aime25\.jsonl, and loading "
+                       r"'yentinglin/aime_2025' .* failed: ConnectionError: no network"):
+        B.load_benchmark("aime25", tmp_path)
+
 
 # ---------------------------------------------------------------- malformed rows
 

@@ -101,7 +101,18 @@ def load_dataset_problems(
     kind, target = resolve(source, data_dir)
     if kind == "local":
         return load_problems(target, skip_bad=skip_bad)
-    return load_from_hub(target, skip_bad=skip_bad)
+    try:
+        return load_from_hub(target, skip_bad=skip_bad)
+    except DataError:
+        raise
+    except Exception as e:  # offline, unknown id, gated dataset...
+        local = ""
+        if target.local_file:
+            local = f"no offline copy at {Path(data_dir or default_data_dir()) / target.local_file}, and "
+        raise DataError(
+            f"{source}: {local}loading {target.hub_name!r} (split {target.hub_split!r}) from the "
+            f"Hugging Face hub failed: {type(e).__name__}: {e}"
+        ) from e
 
 
 def load_benchmark(name: str, data_dir: str | Path | None = None, skip_bad: bool = False) -> list[Problem]:
