@@ -12,7 +12,7 @@ try:
     from tests import less_oracle
 except ImportError:  # tests/ run as a plain directory
     import less_oracle
-from megatron_less.algos import less
+from megatron_less.algos import span_match
 from megatron_less.algos.advantages import grpo_advantages
 from megatron_less.algos.less import less_token_weights
 
@@ -246,8 +246,8 @@ def test_unshaped_groups_and_edge_shapes():
 
 def test_hash_collisions_never_change_weights(monkeypatch):
     """With base 1 every window hash is the sum of its tokens: collisions everywhere."""
-    monkeypatch.setattr(less, "_BASE", 1)
-    monkeypatch.setattr(less, "_BASE_INV", 1)
+    monkeypatch.setattr(span_match, "_BASE", 1)
+    monkeypatch.setattr(span_match, "_BASE_INV", 1)
     rng = np.random.default_rng(11)
     for mu in (1, 3, 5):
         check_against_oracle(random_batch(rng, 10, vocab=6), mu, 0.8)

@@ -26,258 +26,34 @@ Cost: about linear in the batch plus the number of (key, occurrence) pairs. Text
 itself (repetition loops cut into many fragments) makes that number grow quadratically; see
 benchmarks/RESULTS.md for measured times.
 
-Speed notes (2-core VM): passes over the whole batch run in L2-sized chunks, and large scratch
-arrays are kept between calls, because first-touching fresh memory there costs more than the
-arithmetic. `release_workspace()` frees them.
+The matching machinery (hashes, exact span comparison, scratch memory) is in span_match.py;
+scratch arrays are kept between calls and `release_workspace()` frees them.
 """
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
+from . import span_match as sm
 from .registry import register_shaper
-
-_BASE = 0x9E3779B97F4A7C15  # odd, so invertible mod 2**64
-_BASE_INV = pow(_BASE, -1, 1 << 64)
-_SALT = np.uint64(0xD6E8FEB86659FD93)
-_CHUNK = 1 << 16  # elements per step of a pass over the batch (fits L2 with its temporaries)
-_MAX_MASS = 1 << 22  # pairs / words expanded at once: bounds scratch memory on degenerate batches
-_lock = threading.Lock()
-
-
-class _Workspace:
-    """Scratch arrays reused across calls, by name."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, n: int, dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        buf = self.bufs.get(name)
-        if buf is None or buf.dtype != dtype or buf.size < n:
-            grow = buf.size + buf.size // 4 if buf is not None and buf.dtype == dtype else 0
-            buf = self.bufs[name] = np.empty(max(n, grow), dtype=dtype)
-        return buf[:n]
-
-
-_ws = _Workspace()
-
-
-def release_workspace() -> None:
-    """Free the scratch memory kept between calls (~36 bytes per token of the largest batch seen:
-    ~450 MB for 512 x 8 x 3072 tokens)."""
-    with _lock:
-        _ws.bufs.clear()
-
-
-def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """BASE**i and BASE**-i mod 2**64 for i < n."""
-    pw = np.full(max(n, 1), _BASE, dtype=np.uint64)
-    inv = np.full(max(n, 1), _BASE_INV, dtype=np.uint64)
-    pw[0] = inv[0] = 1
-    np.multiply.accumulate(pw, out=pw)
-    np.multiply.accumulate(inv, out=inv)
-    return pw, inv
-
-
-def _expand(starts: np.ndarray, counts: np.ndarray, name: str, step: int = 1) -> np.ndarray:
-    """Concatenation of arange(s, s + c * step, step) over (s, c) pairs, all c >= 1, in workspace `name`."""
-    total = int(counts.sum())
-    out = _ws.get(name, total, np.int64)
-    if total:
-        out.fill(step)
-        out[0] = starts[0]
-        out[np.cumsum(counts[:-1])] = starts[1:] - starts[:-1] - (counts[:-1] - 1) * step
-        np.cumsum(out, out=out)
-    return out
-
-
-def _mass_chunks(idx: np.ndarray, weight: np.ndarray):
-    """Split idx into consecutive pieces of total weight <= _MAX_MASS (a heavier item stands alone)."""
-    if idx.size == 0:
-        return []
-    csum = np.cumsum(weight)
-    cuts = np.searchsorted(csum, np.arange(_MAX_MASS, int(csum[-1]), _MAX_MASS), side="right")
-    return [p for p in np.split(idx, cuts) if p.size]
-
-
-class _Packed:
-    """Token ids packed k to a uint64 word (word p = tokens p .. p+k-1), so that comparing two
-    spans exactly takes ~L/k word comparisons instead of L token comparisons. Built on first use."""
-
-    def __init__(self, tok: np.ndarray, min_len: int) -> None:
-        lo, hi = (int(tok.min()), int(tok.max())) if tok.size else (0, 0)
-        self.k = min(64 // max(1, hi.bit_length()), min_len) if lo >= 0 else 1
-        self.tok, self.words = tok.view(np.uint64), None  # one dtype for all comparison buffers
-
-    def get(self) -> np.ndarray:
-        if self.k == 1:
-            return self.tok
-        if self.words is None:
-            tok, k = self.tok, self.k
-            bits = np.uint64(64 // k)
-            n = tok.size - k + 1  # words that stay inside the batch; spans never need the others
-            words = self.words = _ws.get("words", max(n, 0), np.uint64)
-            tmp = _ws.get("words_tmp", _CHUNK, np.uint64)
-            for a in range(0, n, _CHUNK):
-                z = min(n, a + _CHUNK)
-                w, x = words[a:z], tmp[: z - a]
-                w[:] = tok[a:z]
-                for i in range(1, k):
-                    np.left_shift(tok[a + i : z + i], bits * np.uint64(i), out=x)
-                    w |= x
-        return self.words
-
-
-def _equal_spans(packed: _Packed, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """tok[a:a+l] == tok[b:b+l] for each triple, compared exactly (l >= 0)."""
-    out = np.ones(a.size, dtype=bool)
-    todo = np.flatnonzero((a != b) & (lengths > 0))
-    k = packed.k
-    short = todo[lengths[todo] < k]
-    if short.size:  # too short for a packed word: token by token
-        out[short] = _compare_words(packed.tok, 1, a[short], b[short], lengths[short])
-    todo = todo[lengths[todo] >= k]
-    if todo.size:
-        out[todo] = _compare_words(packed.get(), k, a[todo], b[todo], lengths[todo])
-    return out
-
-
-def _compare_words(
-    words: np.ndarray, k: int, a: np.ndarray, b: np.ndarray, lengths: np.ndarray
-) -> np.ndarray:
-    """Span equality through words of k tokens (all lengths >= k)."""
-    out = np.empty(a.size, dtype=bool)
-    full = lengths // k  # whole words per span; a last, overlapping word covers the remainder
-    for part in _mass_chunks(np.arange(a.size), full):
-        c, ln, pa, pb = full[part], lengths[part], a[part], b[part]
-        wa = _ws.get("wa", int(c.sum()), words.dtype)
-        wb = _ws.get("wb", wa.size, words.dtype)
-        np.take(words, _expand(pa, c, "ia", k), out=wa, mode="clip")
-        np.take(words, _expand(pb, c, "ia", k), out=wb, mode="clip")
-        differs = _ws.get("ne", wa.size, bool)
-        np.not_equal(wa, wb, out=differs)
-        same = ~np.logical_or.reduceat(differs, np.r_[0, np.cumsum(c[:-1])])
-        tail = np.flatnonzero(ln % k)
-        same[tail] &= words[pa[tail] + ln[tail] - k] == words[pb[tail] + ln[tail] - k]
-        out[part] = same
-    return out
-
-
-def _verify_occurrences(packed, key, key_start, pos, length, host, known) -> np.ndarray:
-    """Exact check that `key` (starting at key_start) occurs at pos, for each candidate.
-
-    Consecutive candidates of one key inside one host segment at distance d < length (periodic
-    text, e.g. repetition loops) are chained instead of compared in full: if K occurs at p, then
-    K occurs at p + d iff K has period d and the d tokens after the first occurrence continue it.
-    A chain starts from a full comparison (or a `known` match), so a run of occurrences costs
-    O(L + run length) instead of O(L * occurrences). Whatever a chain cannot confirm is compared
-    in full.
-    """
-    n = int(pos.max()) + 1 if pos.size else 1
-    order = np.argsort(key * n + pos) if int(key.max(initial=0)) < (1 << 62) // n else np.lexsort((pos, key))
-    h, p, ln, ks = host[order], pos[order], length[order], key_start[order]
-    d = np.r_[0, p[1:] - p[:-1]]
-    link = np.r_[False, (key[order][1:] == key[order][:-1]) & (h[1:] == h[:-1])] & (d < ln)
-    ok = np.empty(p.size, dtype=bool)
-    anchor = np.flatnonzero(~link)
-    ok[anchor] = known[order][anchor] | _equal_spans(packed, ks[anchor], p[anchor], ln[anchor])
-    li = np.flatnonzero(link)
-    if li.size:
-        dl, kl, ll = d[li], ks[li], ln[li]
-        # Period d of the key, once per distinct (key, d).
-        uniq, inv = _unique_inverse(kl * (int(dl.max()) + 1) + dl)
-        first = np.empty(uniq.size, dtype=np.int64)
-        first[inv] = np.arange(inv.size)  # any member: all share key and d
-        periodic = _equal_spans(packed, kl[first] + dl[first], kl[first], ll[first] - dl[first])[inv]
-        # The tail: the last max(d, k) tokens (given the period and the previous occurrence, the
-        # extra k - d tokens of a whole word are equal anyway, so one word does for d <= k).
-        w = np.maximum(dl, packed.k)
-        tail = _equal_spans(packed, p[li] + ll - w, kl + ll - w, w)
-        ok[li] = periodic & tail
-    # A chain holds while every link from its anchor holds.
-    fails = np.cumsum(~ok)
-    chain_start = np.maximum.accumulate(np.where(link, 0, np.arange(p.size)))
-    held = fails - fails[chain_start] + ~ok[chain_start] == 0
-    redo = np.flatnonzero(~held & link)
-    held[redo] = _equal_spans(packed, ks[redo], p[redo], ln[redo])
-    out = np.empty(p.size, dtype=bool)
-    out[order] = held
-    return out
-
-
-def _unique_inverse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(x, return_inverse=True) through a sort (numpy's hashing path is slow here)."""
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    new = np.r_[True, xs[1:] != xs[:-1]]
-    inv = np.empty(x.size, dtype=np.int64)
-    inv[order] = np.cumsum(new) - 1
-    return xs[new], inv
-
-
-def _sorted_unique(x: np.ndarray) -> np.ndarray:
-    x = np.sort(x)
-    return x[np.r_[True, x[1:] != x[:-1]]] if x.size else x
-
-
-class _WindowHash:
-    """Hash of any window inside one row, O(1) from per-row prefix sums.
-
-    q[r, c] = sum_{k < c} x[r, k] * BASE**-k with x = token + salt(group), so that
-    (q[r, c + L] - q[r, c]) * BASE**c does not depend on where the window sits. Positions are
-    flat indices f = r * T + c into [B, T].
-    """
-
-    def __init__(self, tok2d: np.ndarray, gid: np.ndarray) -> None:
-        b, t = tok2d.shape
-        self.t = t
-        self.pw, inv = _powers(t + 1)
-        q = self.q2 = _ws.get("q", b * (t + 1), np.uint64).reshape(b, t + 1)
-        q[:, 0] = 0
-        salt = (gid.astype(np.uint64) + np.uint64(1)) * _SALT
-        step = max(1, _CHUNK // max(t, 1))
-        for r0 in range(0, b, step):
-            r1 = min(b, r0 + step)
-            part = q[r0:r1, 1:]
-            np.add(tok2d[r0:r1].view(np.uint64), salt[r0:r1, None], out=part)
-            np.multiply(part, inv[:t], out=part)
-            np.cumsum(part, axis=1, out=part)
-        self.q = q.reshape(-1)
-
-    def __call__(self, f: np.ndarray, length) -> np.ndarray:
-        r = f // self.t
-        qi = f + r
-        return (self.q[qi + length] - self.q[qi]) * self.pw[f - r * self.t]
-
-    def window_hits(self, mu: int, bitmap: np.ndarray, shift: np.uint64) -> np.ndarray:
-        """Flat positions of all length-mu windows whose hash's top bits are set in bitmap."""
-        b, t1 = self.q2.shape
-        width = t1 - mu  # window starts per row
-        if width <= 0:
-            return np.zeros(0, dtype=np.int64)
-        hit = _ws.get("hit", b * width, bool).reshape(b, width)
-        step = max(1, _CHUNK // width)
-        h_buf = _ws.get("h", step * width, np.uint64)
-        for r0 in range(0, b, step):
-            r1 = min(b, r0 + step)
-            h = h_buf[: (r1 - r0) * width].reshape(r1 - r0, width)
-            np.subtract(self.q2[r0:r1, mu:], self.q2[r0:r1, :width], out=h)
-            np.multiply(h, self.pw[:width], out=h)
-            np.right_shift(h, shift, out=h)
-            np.take(bitmap, h.view(np.int64), out=hit[r0:r1], mode="clip")
-        idx = np.flatnonzero(hit)
-        r = idx // width
-        return idx + r * (self.t - width)
+from .span_match import (
+    Packed,
+    WindowHash,
+    equal_spans,
+    expand,
+    mass_chunks,
+    release_workspace,  # noqa: F401  (re-exported)
+    sorted_unique,
+    verify_occurrences,
+    workspace,
+)
 
 
 def _dedup(packed, starts, lengths, groups, full_hash) -> np.ndarray:
     """Index of a canonical equal key for every key (equal = same group, length and tokens)."""
     rep = np.arange(starts.size)
-    mixed = full_hash + lengths.astype(np.uint64) * _SALT
+    mixed = full_hash + lengths.astype(np.uint64) * sm.SALT
     order = np.argsort(mixed)
     h = mixed[order]
     new_run = np.r_[True, h[1:] != h[:-1]]
@@ -285,7 +61,7 @@ def _dedup(packed, starts, lengths, groups, full_hash) -> np.ndarray:
     member = leader != order
     lead, memb = leader[member], order[member]
     same = (groups[lead] == groups[memb]) & (lengths[lead] == lengths[memb])
-    same[same] = _equal_spans(packed, starts[lead[same]], starts[memb[same]], lengths[memb[same]])
+    same[same] = equal_spans(packed, starts[lead[same]], starts[memb[same]], lengths[memb[same]])
     rep[memb[same]] = lead[same]
     failed = memb[~same]  # hash collisions: sort those out among themselves
     if failed.size:
@@ -313,7 +89,7 @@ def _thresholds(ent: np.ndarray, lengths: np.ndarray, rows: np.ndarray, quantile
     order = np.argsort(k, kind="stable")
     for idx in np.split(order, np.flatnonzero(np.diff(k[order])) + 1):
         kk, width = int(k[idx[0]]), int(ln[idx].max())
-        sub = _ws.get("part", idx.size * width, ent.dtype).reshape(idx.size, width)
+        sub = workspace.get("part", idx.size * width, ent.dtype).reshape(idx.size, width)
         np.take(ent[:, :width], rows[idx], axis=0, out=sub)
         if (ln[idx] < width).any():  # padding must sort last so that index kk falls on a valid token
             np.copyto(sub, np.inf, where=np.arange(width) >= ln[idx][:, None])
@@ -368,7 +144,7 @@ def less_token_weights(
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     arrays = _to_numpy(token_ids, entropy, response_mask, correct, group_index)
-    with _lock:
+    with sm.lock:
         weights, stats = _less(*arrays, mu, quantile, return_stats)
     w = torch.from_numpy(weights)
     return (w, stats) if return_stats else w
@@ -378,7 +154,7 @@ def _less(tok, ent, mask, corr, gid, mu, quantile, want_stats):
     b, t = tok.shape
     lengths = np.count_nonzero(mask, axis=1)
     if t > 1:
-        rising = _ws.get("rising", b * (t - 1), bool).reshape(b, t - 1)
+        rising = workspace.get("rising", b * (t - 1), bool).reshape(b, t - 1)
         if np.less(mask[:, :-1], mask[:, 1:], out=rising).any():
             raise ValueError("response_mask must be left-aligned (valid tokens first, then padding)")
 
@@ -394,19 +170,19 @@ def _less(tok, ent, mask, corr, gid, mu, quantile, want_stats):
     rows = np.flatnonzero(shaped & (lengths > 0))
     if rows.size:
         tau[rows] = _thresholds(ent, lengths, rows, quantile)
-    high = _ws.get("high", b * t, bool).reshape(b, t)
+    high = workspace.get("high", b * t, bool).reshape(b, t)
     np.greater(ent, tau[:, None], out=high)
     weights = np.where(high, np.float32(1.0), default[:, None])
     np.multiply(weights, mask, out=weights)
 
     # Segments (step 4): runs of valid tokens with H < tau, found on a zero-framed copy so that
     # runs never cross rows and transitions come in (start, end) pairs.
-    framed = _ws.get("framed", b * (t + 2), bool).reshape(b, t + 2)
+    framed = workspace.get("framed", b * (t + 2), bool).reshape(b, t + 2)
     framed[:, 0] = framed[:, -1] = False
     np.less(ent, tau[:, None], out=framed[:, 1:-1])
     np.logical_and(framed[:, 1:-1], mask, out=framed[:, 1:-1])
     flat = framed.reshape(-1)
-    change = _ws.get("change", max(flat.size - 1, 0), bool)
+    change = workspace.get("change", max(flat.size - 1, 0), bool)
     np.not_equal(flat[1:], flat[:-1], out=change)
     edges = np.flatnonzero(change) + 1
     starts, run_len = edges[0::2], edges[1::2] - edges[0::2]
@@ -417,7 +193,7 @@ def _less(tok, ent, mask, corr, gid, mu, quantile, want_stats):
 
     cls = None
     if want_stats:
-        cls = _ws.get("cls", b * t, np.int8)
+        cls = workspace.get("cls", b * t, np.int8)
         cls.fill(0)
     kinds = _cover(tok, gid, corr, n_c, n_w, seg_f, seg_len, mu, weights.reshape(-1), cls)
     if not want_stats:
@@ -435,10 +211,10 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
         return np.zeros(0, dtype=np.int8)
     b, t = tok2d.shape
     tok = tok2d.reshape(-1)
-    whash = _WindowHash(tok2d, gid)
+    whash = WindowHash(tok2d, gid)
 
     seg_g = gid[seg_f // t]
-    packed = _Packed(tok, mu)
+    packed = Packed(tok, mu)
     rep = _dedup(packed, seg_f, seg_len, seg_g, whash(seg_f, seg_len))
     keys = np.flatnonzero(rep == np.arange(rep.size))
     seg_key = np.searchsorted(keys, rep)  # key index of each segment's class
@@ -449,7 +225,7 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     # Candidate positions: windows whose mu-gram hash hits the bitmap of key heads.
     bits = int(np.clip(np.ceil(np.log2(keys.size * 32.0)), 12, 24))
     shift = np.uint64(64 - bits)
-    bitmap = _ws.get("bitmap", 1 << bits, bool)
+    bitmap = workspace.get("bitmap", 1 << bits, bool)
     bitmap.fill(False)
     bitmap[(k_head >> shift).view(np.int64)] = True
     cand = whash.window_hits(mu, bitmap, shift)
@@ -472,9 +248,9 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     cnt = bucket_start[cb + 1] - lo
     some = np.flatnonzero(cnt)
     m_key, m_host, m_off = [], [], []
-    for part in _mass_chunks(some, cnt[some]):
+    for part in mass_chunks(some, cnt[some]):
         c = cnt[part]
-        hidx = _expand(lo[part], c, "pairs")
+        hidx = expand(lo[part], c, "pairs")
         owner = np.repeat(part, c)
         same = heads[hidx] == c_head[owner]
         key, owner = by_head[hidx[same]], owner[same]
@@ -488,7 +264,7 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
         maybe = known | (~((off == 0) & (k_len[hs] == ln)) & (k_g[hs] == k_g[key]))
         maybe[maybe] &= known[maybe] | (whash(pos[maybe], ln[maybe]) == k_full[key[maybe]])
         key, hs, off, pos, ln, known = key[maybe], hs[maybe], off[maybe], pos[maybe], ln[maybe], known[maybe]
-        ok = _verify_occurrences(packed, key, k_f[key], pos, ln, hs, known)
+        ok = verify_occurrences(packed, key, k_f[key], pos, ln, hs, known)
         m_key.append(key[ok])
         m_host.append(hs[ok])
         m_off.append(off[ok])
@@ -500,11 +276,11 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     first_copy = np.cumsum(n_copies) - n_copies
 
     # Carriers: distinct responses holding a copy of a host that contains the key.
-    kh = _sorted_unique(m_key * keys.size + m_host)
+    kh = sorted_unique(m_key * keys.size + m_host)
     kh_key, kh_host = kh // keys.size, kh % keys.size
     c = n_copies[kh_host]
-    rows = seg_f[copies[_expand(first_copy[kh_host], c, "copies")]] // t
-    code = _sorted_unique(np.repeat(kh_key, c) * b + rows)
+    rows = seg_f[copies[expand(first_copy[kh_host], c, "copies")]] // t
+    code = sorted_unique(np.repeat(kh_key, c) * b + rows)
     p_key, p_row = code // b, code % b
     carriers = np.bincount(p_key, minlength=keys.size)
     right = np.bincount(p_key, weights=corr[p_row], minlength=keys.size)
@@ -523,7 +299,7 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     if m_key.size == 0:
         return kinds
     vals = value[m_key]
-    levels = _sorted_unique(vals)
+    levels = sorted_unique(vals)
     span = t + 1
     s = (np.searchsorted(levels, vals) * keys.size + m_host) * span + m_off
     order = np.argsort(s)
@@ -535,15 +311,15 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
     lh, start = ms // span, ms % span
     level, host = lh // keys.size, lh % keys.size
     c = n_copies[host]
-    at = seg_f[copies[_expand(first_copy[host], c, "copies")]] + np.repeat(start, c)
+    at = seg_f[copies[expand(first_copy[host], c, "copies")]] + np.repeat(start, c)
     size, level = np.repeat(me - ms, c), np.repeat(level, c)
     by_level = np.argsort(level, kind="stable")
     at, size, level = at[by_level], size[by_level], level[by_level]
     for lv in range(levels.size):
         a, z = np.searchsorted(level, [lv, lv + 1])
         v = levels[lv]
-        for part in _mass_chunks(np.arange(a, z), size[a:z]):
-            idx = _expand(at[part], size[part], "cover")
+        for part in mass_chunks(np.arange(a, z), size[a:z]):
+            idx = expand(at[part], size[part], "cover")
             w_flat[idx] = 0.0 if np.isinf(v) else v
             if cls is not None:
                 cls[idx] = 3 if np.isinf(v) else 1
