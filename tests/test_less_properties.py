@@ -318,3 +318,11 @@ def test_token_id_ranges_and_dtypes(scale, offset):
         less_token_weights(t2, ent, mask, correct, group, mu=3),
         less_token_weights(tok, ent, mask, correct, group, mu=3),
     )
+
+
+def test_release_workspace_then_recompute():
+    batch = random_batch(np.random.default_rng(2), 6)
+    before = less_token_weights(*batch, mu=3)
+    span_match.release_workspace()
+    assert not span_match.workspace.bufs
+    assert torch.equal(less_token_weights(*batch, mu=3), before)
