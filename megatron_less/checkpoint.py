@@ -18,7 +18,6 @@ the padding is identical at every layout (and the same as a fresh HF import).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import re
@@ -47,8 +46,7 @@ def read_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} is not a complete megatron-less checkpoint (no {META_FILE}; "
                               "an interrupted save leaves only a '.partial' folder)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = convert._read_json(path)
     version = meta.get("megatron_less", {}).get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {version!r} is not supported "
@@ -62,13 +60,6 @@ def checkpoint_arch(ckpt_dir: str | os.PathLike) -> Qwen2Arch:
 
 def checkpoint_dtype(ckpt_dir: str | os.PathLike) -> torch.dtype:
     return convert.parse_dtype(read_metadata(ckpt_dir)["megatron_less"]["dtype"])
-
-
-def _check_arch(arch: Qwen2Arch, saved: Qwen2Arch, where: str) -> None:
-    diff = [f"{k}: model {getattr(arch, k)!r} vs checkpoint {getattr(saved, k)!r}"
-            for k in arch.__dataclass_fields__ if getattr(arch, k) != getattr(saved, k)]
-    if diff:
-        raise ConfigError(f"{where} does not match the model: {'; '.join(diff)}")
 
 
 # --- save / load (every rank of the job calls these) --------------------------------------------
@@ -119,11 +110,12 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
                     generation_config: dict | None = None, source: str | None = None) -> str:
     """Save this job's model (every rank its stage/shard) as a torch_dist checkpoint at ``out``.
 
+    ``hf_config`` is the source's config.json dict (kept verbatim for the exported config.json).
     ``out`` must not exist or be empty. Returns the absolute path."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    _check_arch(arch, Qwen2Arch.from_hf(hf_config), "hf_config")
+    convert.check_same_arch(arch, Qwen2Arch.from_hf(hf_config), "hf_config")
     out = os.path.abspath(out)
     tmp = out.rstrip(os.sep) + ".partial"
     _rank0_then_all(convert.prepare_output_dir, out)
@@ -156,7 +148,7 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
 def load_checkpoint(model, ckpt_dir: str | os.PathLike, arch: Qwen2Arch) -> dict[str, Any]:
     """Load a checkpoint saved at any TP/PP into this rank's stage/shard; returns its metadata."""
     meta = read_metadata(ckpt_dir)
-    _check_arch(arch, Qwen2Arch.from_hf(meta["hf_config"]), str(ckpt_dir))
+    convert.check_same_arch(arch, Qwen2Arch.from_hf(meta["hf_config"]), str(ckpt_dir))
     from megatron.core import dist_checkpointing
 
     state = dist_checkpointing.load(model.sharded_state_dict(), os.fspath(ckpt_dir))
@@ -263,8 +255,9 @@ def launch(fn, world_size: int, *args, timeout: float = 3600.0):
 
     if under_torchrun() or (world_size == 1 and not dist.is_initialized()):
         # One rank: run here (a process start costs seconds), with a private port.
-        env = {} if under_torchrun() else dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env = {} if under_torchrun() else {
+            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -286,7 +279,7 @@ def convert_hf_to_megatron(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1,
     hf.arch.check(tp, pp)
     if dtype:
         convert.parse_dtype(dtype)
-    _refuse_existing(out)
+    convert.refuse_existing(out)
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) % (tp * pp):
         raise ConfigError(f"torchrun world size {os.environ['WORLD_SIZE']} is not a multiple of "
                           f"tp x pp = {tp * pp}")
@@ -301,7 +294,7 @@ def convert_megatron_to_hf(ckpt_dir: str, out: str, *, tokenizer: str | None = N
     parse_size(max_shard_size)
     if tokenizer and not os.path.isdir(tokenizer):
         raise CheckpointError(f"tokenizer folder {tokenizer} does not exist")
-    _refuse_existing(out)
+    convert.refuse_existing(out)
     return launch(_export_rank, 1, ckpt_dir, out, tokenizer, dtype, max_shard_size)
 
 
@@ -311,7 +304,3 @@ def _export_rank(ckpt_dir, out, tokenizer, dtype, max_shard_size):
     runtime.initialize(1, 1)  # starts torch.distributed; export_hf picks its own layout
     return export_hf(ckpt_dir, out, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
 
-
-def _refuse_existing(out: str) -> None:
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"output folder {out} exists and is not empty; refusing to overwrite")

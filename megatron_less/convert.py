@@ -12,7 +12,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -90,14 +91,13 @@ class HFCheckpoint:
         cfg_path = os.path.join(self.folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise CheckpointError(f"no config.json in {self.folder}")
-        with open(cfg_path, encoding="utf-8") as f:
-            self.config: dict[str, Any] = json.load(f)
+        self.config: dict[str, Any] = _read_json(cfg_path)
         try:
             self.arch = Qwen2Arch.from_hf(self.config)
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from None
         gen = os.path.join(self.folder, "generation_config.json")
-        self.generation_config = json.load(open(gen, encoding="utf-8")) if os.path.isfile(gen) else None
+        self.generation_config = _read_json(gen) if os.path.isfile(gen) else None
         self._handles: dict[str, Any] = {}
         self.weight_map = self._weight_map()
         self._validate()
@@ -105,8 +105,7 @@ class HFCheckpoint:
     def _weight_map(self) -> dict[str, str]:
         index = os.path.join(self.folder, INDEX_FILE)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} has no 'weight_map'")
             missing = sorted({f for f in weight_map.values()
@@ -123,7 +122,7 @@ class HFCheckpoint:
                     if any(f.endswith(".bin") for f in found) else "")
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.folder}{hint}; "
                                   f"found: {', '.join(found) or 'nothing'}")
-        return {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}
+        return {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}  # noqa: SIM118 (not a dict)
 
     def _open(self, file: str):
         from safetensors import safe_open
@@ -173,12 +172,17 @@ def load_hf_checkpoint(model, hf: str | os.PathLike | HFCheckpoint, arch: Qwen2A
                        ) -> HFCheckpoint:
     """Fill this rank's stage/shard of ``model`` from an HF folder, one tensor at a time."""
     ckpt = hf if isinstance(hf, HFCheckpoint) else HFCheckpoint(hf)
-    if arch is not None and arch != ckpt.arch:
-        diff = [f"{k}: model {getattr(arch, k)!r} vs checkpoint {getattr(ckpt.arch, k)!r}"
-                for k in arch.__dataclass_fields__ if getattr(arch, k) != getattr(ckpt.arch, k)]
-        raise ConfigError(f"{ckpt.folder} does not match the model: {'; '.join(diff)}")
+    if arch is not None:
+        check_same_arch(arch, ckpt.arch, ckpt.folder)
     qwen2.load_hf_weights(model, ckpt, ckpt.arch)
     return ckpt
+
+
+def check_same_arch(arch: Qwen2Arch, saved: Qwen2Arch, where: str) -> None:
+    diff = [f"{k}: model {getattr(arch, k)!r} vs checkpoint {getattr(saved, k)!r}"
+            for k in arch.__dataclass_fields__ if getattr(arch, k) != getattr(saved, k)]
+    if diff:
+        raise ConfigError(f"{where} does not match the model: {'; '.join(diff)}")
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -259,6 +263,14 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
     return files
 
 
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
 def _write_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -269,13 +281,17 @@ def prepare_output_dir(out: str) -> str:
     """The temporary sibling folder to write into; renamed onto ``out`` only when complete, so a
     crash never leaves a folder at ``out`` that looks like a finished checkpoint."""
     out = os.path.abspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"output folder {out} exists and is not empty; refusing to overwrite")
+    refuse_existing(out)
     tmp = out.rstrip(os.sep) + ".partial"
     if os.path.exists(tmp):  # left by a crashed run
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     return tmp
+
+
+def refuse_existing(out: str | os.PathLike) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"output folder {out} exists and is not empty; refusing to overwrite")
 
 
 def publish_output_dir(tmp: str, out: str) -> None:

@@ -128,6 +128,16 @@ def run(tmp_path_factory):
                 padding_zero=[z for r in per_rank for z in r["padding_zero"]])
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _put_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
 def _hf_tensors(folder):
     out = {}
     for f in sorted(os.listdir(folder)):
@@ -191,13 +201,13 @@ def test_export_is_a_transformers_checkpoint(run, name):
     from transformers import AutoModelForCausalLM
 
     folder = f"{run['root']}/back_{name}_2x2"
-    cfg = json.load(open(f"{folder}/config.json"))
+    cfg = _json(f"{folder}/config.json")
     assert cfg["architectures"] == ["Qwen2ForCausalLM"]
     assert cfg["tie_word_embeddings"] == (name == "tied")
     assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
     assert os.path.exists(f"{folder}/generation_config.json")
     # 4 stages wrote at least one file each, the untied model at most 60KB per file
-    index = json.load(open(f"{folder}/{convert.INDEX_FILE}"))
+    index = _json(f"{folder}/{convert.INDEX_FILE}")
     files = set(index["weight_map"].values())
     assert len(files) >= (9 if name == "untied" else 4)
     assert sorted(files) == sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
@@ -227,7 +237,7 @@ def test_load_refuses_another_architecture(run):
 
 def _tool(name, *args):
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +247,9 @@ def cli(run):
     os.makedirs(tok)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
               "chat_template.jinja", "README.md", "model.safetensors"):
-        open(f"{tok}/{f}", "w").write(f"{f}\n")
+        with open(f"{tok}/{f}", "w") as fh:
+            fh.write(f"{f}\n")
+    os.makedirs(f"{root}/cli_meg.partial")  # what a crashed earlier run leaves: cleaned up
     a = _tool("convert_hf_to_megatron.py", "--hf-dir", f"{root}/hf_untied", "--out",
               f"{root}/cli_meg", "--tp", "2")
     assert a.returncode == 0, a.stderr
@@ -248,6 +260,7 @@ def cli(run):
 
 
 def test_cli_roundtrip_with_tokenizer_and_dtype(cli):
+    assert not [p for p in os.listdir(cli) if p.endswith(".partial")]
     meta = checkpoint.read_metadata(f"{cli}/cli_meg")["megatron_less"]
     assert meta["saved_layout"] == {"tp": 2, "pp": 1} and meta["dtype"] == "float32"
     orig = _hf_tensors(f"{cli}/hf_untied")
@@ -255,7 +268,7 @@ def test_cli_roundtrip_with_tokenizer_and_dtype(cli):
     assert set(back) == set(orig)
     for k in orig:
         assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], orig[k].bfloat16()), k
-    assert json.load(open(f"{cli}/cli_hf/config.json"))["torch_dtype"] == "bfloat16"
+    assert _json(f"{cli}/cli_hf/config.json")["torch_dtype"] == "bfloat16"
     copied = sorted(f for f in os.listdir(f"{cli}/cli_hf") if not f.startswith(("model", "config",
                                                                                   "generation")))
     assert copied == ["chat_template.jinja", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -290,23 +303,23 @@ def test_missing_folder(tmp_path):
 
 def test_missing_safetensors(hf_dir):
     os.remove(hf_dir / "model.safetensors")
-    open(hf_dir / "pytorch_model.bin", "w").close()
+    (hf_dir / "pytorch_model.bin").touch()
     with pytest.raises(CheckpointError, match=r"no model.safetensors or .*\.bin checkpoints are not"):
         convert.HFCheckpoint(hf_dir)
 
 
 def test_missing_shard_named(tmp_path):
     tiny.hf_model(0).save_pretrained(tmp_path, max_shard_size="100KB")
-    gone = sorted(set(json.load(open(tmp_path / convert.INDEX_FILE))["weight_map"].values()))[1]
+    gone = sorted(set(_json(tmp_path / convert.INDEX_FILE)["weight_map"].values()))[1]
     os.remove(tmp_path / gone)
     with pytest.raises(CheckpointError, match=f"missing from .*: {gone}"):
         convert.HFCheckpoint(tmp_path)
 
 
 def test_not_qwen2(hf_dir):
-    cfg = json.load(open(hf_dir / "config.json"))
+    cfg = _json(hf_dir / "config.json")
     cfg["model_type"] = "llama"
-    json.dump(cfg, open(hf_dir / "config.json", "w"))
+    _put_json(hf_dir / "config.json", cfg)
     with pytest.raises(ConfigError, match="config.json: model_type 'llama' is not supported"):
         convert.HFCheckpoint(hf_dir)
 
@@ -329,9 +342,9 @@ def test_untied_config_needs_lm_head(hf_dir):
 
 
 def test_config_with_fewer_layers_than_the_weights(hf_dir):
-    cfg = json.load(open(hf_dir / "config.json"))
+    cfg = _json(hf_dir / "config.json")
     cfg["num_hidden_layers"] = 2
-    json.dump(cfg, open(hf_dir / "config.json", "w"))
+    _put_json(hf_dir / "config.json", cfg)
     with pytest.raises(CheckpointError, match="model.layers.2.* num_hidden_layers=2"):
         convert.HFCheckpoint(hf_dir)
 

@@ -11,6 +11,7 @@ only choose how the saving job is split. Everything is validated before a proces
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote megatron checkpoint {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here
+        print(f"wrote megatron checkpoint {out}")
     return 0
 
 

@@ -12,6 +12,7 @@ pipeline stage (when the world size divides the layer count) and writes its own 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote HF checkpoint {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here
+        print(f"wrote HF checkpoint {out}")
     return 0
 
 
