@@ -24,6 +24,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 # What a tokenizer folder may hold; copied verbatim on export.
 TOKENIZER_PATTERNS = ("tokenizer*.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                       "added_tokens.json", "*.model", "*.tiktoken", "chat_template*.jinja",
@@ -164,8 +165,12 @@ class HFCheckpoint:
         return list(expected_shapes(self.arch))
 
     def dtype(self) -> torch.dtype:
-        """The dtype the tensors are stored in (that of the embedding)."""
-        return self["model.embed_tokens.weight"].dtype
+        """The dtype the tensors are stored in (that of the embedding), from the file header."""
+        name = "model.embed_tokens.weight"
+        code = self._open(self.weight_map[name]).get_slice(name).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name} is stored as {code}; expected BF16, F16 or F32")
+        return _SAFETENSORS_DTYPES[code]
 
 
 def load_hf_checkpoint(model, hf: str | os.PathLike | HFCheckpoint, arch: Qwen2Arch | None = None
