@@ -236,3 +236,17 @@ def test_shapes_and_arguments():
         op(x, t[:, :2])
     with pytest.raises(TypeError):
         op(x.long(), t)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["temperature_odd_chunk", "bf16", "peaked"])
+def test_fused_kernels_match_float64(refs, name):
+    """The torch.compile path (CUDA's default) through CPU inductor: ~15 s of compiling."""
+    x, t, gl, gh, temp, chunk = _case(name)
+    xx = x.clone().requires_grad_()
+    lp, h = op(xx, t, temperature=temp, chunk_size=chunk, fused=True)
+    (lp * gl + h * gh).sum().backward()
+    for got, ref in ((lp, refs[name]["lp"]), (h, refs[name]["h"])):
+        assert ((got.double() - ref).abs() / ref.abs()).max() < 1e-6
+    _assert_grad_close(xx.grad, refs[name]["grad"], CASES[name][3])
+    assert torch.equal(_bits(xx.detach()), _bits(x))

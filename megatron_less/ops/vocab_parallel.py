@@ -32,19 +32,25 @@ split into an fp32 head C and a float64 tail (l = (x - C)/T - tail), the tail fo
 per-token a, b, so rounding logZ to fp32 never shifts every p_j at once; the target's entry is
 written from float64 (1 - p_t = -expm1(logprob)), exact where fp32 1 - p_t would cancel.
 
-Memory beyond the input: a float32 workspace of two [chunk, Vr] buffers (d = z - m and exp(d)
-in forward; l and p in backward, where fp32 input lets p live in the gradient itself), reused
-across chunks, plus O(T) stats. The input is never written. Targets outside [0, V) give a
-meaningless log-prob (z_t = 0); mask such tokens out of the loss as usual.
+Two implementations of the per-chunk passes, same math. Eager (default on CPU): a float32
+workspace of two [chunk, Vr] buffers (d = z - m and exp(d) in forward; l and p in backward, where
+fp32 input lets p live in the gradient itself), reused across chunks; every op in place. Fused
+(default on CUDA when triton is there): the same two functions under torch.compile, which turns
+each into one or two kernels that read the logits and keep the rest in registers - no
+workspace, so no chunking. Either way: beyond the input, O(T) stats (and the gradient in
+backward). The input is never written. Targets outside [0, V) give a meaningless log-prob
+(z_t = 0); mask such tokens out of the loss as usual.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
-# Per buffer. CPU: two buffers that fit the L2 cache beat bigger ones (each chunk makes ~8
-# passes over its buffer). CUDA: big enough that kernel launches are noise next to the
+# Per buffer, eager path. CPU: two buffers that fit the L2 cache beat bigger ones (each chunk
+# makes ~8 passes over its buffer). CUDA: big enough that kernel launches are noise next to the
 # memory traffic, small next to [T, V] logits (16k x 152k bf16 = 5 GB).
 _WORKSPACE_BYTES = {"cpu": 1 << 20, "cuda": 256 << 20}
 
@@ -66,40 +72,128 @@ def _local_target(target: torch.Tensor, rank: int, vr: int):
     return local.clamp(0, vr - 1).unsqueeze(-1), owned
 
 
+# Per-token stats columns: max x, S0, S0 with the exact 1s dropped, S1 (all relative to the local
+# max), x_t. frac() zeroes exp(0) = 1 at the max (and at ties): S0 - 1 stays accurate when S0 ~ 1.
+
+
+def _stats_eager(x, tgt, temperature, chunk, with_entropy):
+    n, vr = x.shape
+    stats = torch.zeros(n, 5, dtype=torch.float32, device=x.device)
+    d = torch.empty(min(chunk, n), vr, dtype=torch.float32, device=x.device)
+    e = torch.empty_like(d)
+    for s in range(0, n, chunk):
+        xc = x[s : s + chunk]
+        k = xc.shape[0]
+        dc, ec, st = d[:k], e[:k], stats[s : s + k]
+        dc.copy_(xc)  # upcast first: mixed-dtype ops make hidden fp32 copies on CPU
+        mx = dc.amax(-1, keepdim=True)
+        dc.sub_(mx)  # exact near the max (Sterbenz)
+        if temperature != 1.0:
+            dc.div_(temperature)  # not * 1/T: an extra rounding, amplified by exp
+        st[:, 0] = mx.squeeze(-1)
+        torch.exp(dc, out=ec)
+        st[:, 1] = ec.sum(-1)
+        st[:, 2] = ec.frac_().sum(-1)
+        if with_entropy:
+            st[:, 3] = dc.mul_(ec).sum(-1)  # the 1s had d = 0: nothing lost
+        st[:, 4] = xc.gather(-1, tgt[s : s + k]).squeeze(-1).float()
+    return stats
+
+
+def _stats_fused(x, tgt, temperature: torch.Tensor):  # 0-d tensor: no recompile per value
+    z = x.float()
+    mx = z.amax(-1, keepdim=True)
+    d = (z - mx) / temperature
+    e = torch.exp(d)
+    f = torch.frac(e)
+    cols = [mx, e.sum(-1, keepdim=True), f.sum(-1, keepdim=True), (d * f).sum(-1, keepdim=True)]
+    return torch.cat(cols + [x.gather(-1, tgt).float()], -1)
+
+
+def _grad_eager(x, big_c, a, b, temperature, chunk):
+    """p * (a + b l) with l = (x - C) / T, p = exp(l); b None: p * a."""
+    n, vr = x.shape
+    grad = torch.empty_like(x)
+    fp32 = x.dtype == torch.float32
+    l_buf = torch.empty(min(chunk, n), vr, dtype=torch.float32, device=x.device)
+    p_buf = None if fp32 else torch.empty_like(l_buf)
+    for s in range(0, n, chunk):
+        xc = x[s : s + chunk]
+        k = xc.shape[0]
+        lc = l_buf[:k]
+        pc = grad[s : s + k] if fp32 else p_buf[:k]
+        lc.copy_(xc).sub_(big_c[s : s + k])
+        if temperature != 1.0:
+            lc.div_(temperature)
+        torch.exp(lc, out=pc)
+        if b is not None:
+            pc.mul_(lc.mul_(b[s : s + k]).add_(a[s : s + k]))  # addcmul is 3x slower on CPU
+        else:
+            pc.mul_(a[s : s + k])
+        if not fp32:
+            grad[s : s + k].copy_(pc)
+    return grad
+
+
+def _grad_fused(x, big_c, a, b, temperature: torch.Tensor):
+    l = (x.float() - big_c) / temperature
+    return (torch.exp(l) * (a + b * l)).to(x.dtype)
+
+
+_compiled: dict = {}
+
+
+def _scalar(v: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32, device=like.device)
+
+
+def _fused(fn):
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether ``fused=None`` picks the compiled kernels: CUDA with triton importable."""
+    if device.type != "cuda" or _compiled.get("broken"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run(fused, fused_fn, eager_fn, eager_args, fused_args, chunk):
+    """fused_fn over row chunks (all rows by default); fused=None means 'auto': a compile
+    failure there falls back to eager, once, loudly."""
+    if fused or fused is None:
+        try:
+            fn, n = _fused(fused_fn), fused_args[0].shape[0]
+            if chunk >= n:
+                return fn(*fused_args)
+            rows = lambda s: [v[s : s + chunk] if v.dim() else v for v in fused_args]  # noqa: E731
+            return torch.cat([fn(*rows(s)) for s in range(0, n, chunk)])
+        except Exception as exc:  # noqa: BLE001 - inductor raises many kinds
+            if fused:
+                raise
+            _compiled["broken"] = True
+            warnings.warn(f"vocab_parallel: torch.compile failed ({exc!r:.200}); using eager kernels")
+    return eager_fn(*eager_args)
+
+
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad):
+    def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad, fused):
         ctx.set_materialize_grads(False)
         n, vr = x.shape
         tp, rank = _group_info(group)
         tgt, owned = _local_target(target, rank, vr)
-        # per token: max x, S0, S0 without the exact 1s, S1, x_t. Raw logits, not / T: exact,
-        # so the merge is too.
-        stats = torch.empty(n, 5, dtype=torch.float32, device=x.device)
-        d = torch.empty(min(chunk, n), vr, dtype=torch.float32, device=x.device)
-        e = torch.empty_like(d)
-        for s in range(0, n, chunk):
-            xc = x[s : s + chunk]
-            k = xc.shape[0]
-            dc, ec, st = d[:k], e[:k], stats[s : s + k]
-            dc.copy_(xc)  # upcast first: mixed-dtype ops make hidden fp32 copies on CPU
-            mx = dc.amax(-1, keepdim=True)
-            dc.sub_(mx)  # exact near the max (Sterbenz)
-            if temperature != 1.0:
-                dc.div_(temperature)  # not * 1/T: an extra rounding, amplified by exp
-            st[:, 0] = mx.squeeze(-1)
-            torch.exp(dc, out=ec)
-            st[:, 1] = ec.sum(-1)
-            # frac() zeroes the max's exact exp(0) = 1 (and ties): S0 - 1 stays accurate when
-            # S0 ~ 1, i.e. for the confident tokens whose low entropy matters most.
-            st[:, 2] = ec.frac_().sum(-1)
-            if with_entropy:
-                st[:, 3] = dc.mul_(ec).sum(-1)  # the 1s had d = 0: nothing lost
-            st[:, 4] = xc.gather(-1, tgt[s : s + k]).squeeze(-1).float()
-        del d, e
-        ones = torch.round(stats[:, 1].double() - stats[:, 2].double())  # >= 1: the max, ties
-        stats = torch.stack([stats[:, 0].double(), stats[:, 2].double() + (ones - 1), stats[:, 3].double(),
-                             torch.where(owned, stats[:, 4], 0.0).double()], -1)
+        stats = _run(fused, _stats_fused, _stats_eager,
+                     (x, tgt, temperature, chunk, with_entropy), (x, tgt, _scalar(temperature, x)), chunk).double()
+        ones = torch.round(stats[:, 1] - stats[:, 2])  # >= 1: the max and its ties
+        stats = torch.stack([stats[:, 0], stats[:, 2] + (ones - 1), stats[:, 3],
+                             torch.where(owned, stats[:, 4], 0.0)], -1)
         if tp > 1:
             parts = [torch.empty_like(stats) for _ in range(tp)]
             dist.all_gather(parts, stats, group=group)
@@ -120,7 +214,7 @@ class _LogprobEntropy(torch.autograd.Function):
         else:
             ent = torch.zeros_like(log_s0)
 
-        ctx.temperature, ctx.chunk, ctx.rank = temperature, chunk, rank
+        ctx.temperature, ctx.chunk, ctx.rank, ctx.fused = temperature, chunk, rank, fused
         ctx.entropy_grad = with_entropy and entropy_grad
         ctx.save_for_backward(x, target, big_mx, log_s0, ent, logprob)
         out_lp, out_h = logprob.float(), ent.float()
@@ -134,52 +228,27 @@ class _LogprobEntropy(torch.autograd.Function):
         if not ctx.entropy_grad:
             g_h = None
         if g_lp is None and g_h is None:
-            return (None,) * 7
-        n, vr = x.shape
-        t, inv_t = ctx.temperature, 1.0 / ctx.temperature
-        tgt, owned = _local_target(target, ctx.rank, vr)
+            return (None,) * 8
+        t = ctx.temperature
+        tgt, owned = _local_target(target, ctx.rank, x.shape[-1])
         g = g_lp.double() if g_lp is not None else torch.zeros_like(ent)
+        h = g_h.double() if g_h is not None else torch.zeros_like(ent)
         # l = z - logZ = (x - C) / T - c_lo with C = fp32(T logZ): x - C is exact near the top
         # (z = x / T itself would round); the float64 tail c_lo and -1/T fold into a and b.
         big_c = (big_mx + t * log_s0).float()
         c_lo = ((big_mx - big_c.double()) + t * log_s0) / t
         corr = torch.exp(-c_lo)
-        if g_h is not None:
-            h = g_h.double()
-            a = -(g + h * ent - h * c_lo) * corr * inv_t
-            b = (-h * corr * inv_t).float().unsqueeze(-1)
-        else:
-            a, b = -g * corr * inv_t, None
-        a = a.float().unsqueeze(-1)
-        # The target's entry exactly (1 - p_t = -expm1(logprob)): in fp32 it cancels when p_t ~ 1.
-        p_t = torch.exp(logprob)
-        at_t = -g * torch.expm1(logprob) - (h * p_t * (logprob + ent) if g_h is not None else 0)
-        at_t = (at_t * inv_t).float().unsqueeze(-1)
+        a = (-(g + h * ent - h * c_lo) * corr / t).float().unsqueeze(-1)
+        b = (-h * corr / t).float().unsqueeze(-1)
         big_c = big_c.unsqueeze(-1)
-
-        grad = torch.empty_like(x)
-        fp32 = x.dtype == torch.float32
-        rows = min(ctx.chunk, n)
-        l_buf = torch.empty(rows, vr, dtype=torch.float32, device=x.device)
-        p_buf = None if fp32 else torch.empty_like(l_buf)
-        for s in range(0, n, ctx.chunk):
-            xc = x[s : s + ctx.chunk]
-            k = xc.shape[0]
-            lc = l_buf[:k]
-            pc = grad[s : s + k] if fp32 else p_buf[:k]
-            lc.copy_(xc).sub_(big_c[s : s + k])
-            if t != 1.0:
-                lc.div_(t)
-            torch.exp(lc, out=pc)
-            if b is not None:
-                pc.mul_(lc.mul_(b[s : s + k]).add_(a[s : s + k]))  # addcmul is 3x slower on CPU
-            else:
-                pc.mul_(a[s : s + k])
-            tc = tgt[s : s + k]
-            pc.scatter_(-1, tc, torch.where(owned[s : s + k, None], at_t[s : s + k], pc.gather(-1, tc)))
-            if not fp32:
-                grad[s : s + k].copy_(pc)
-        return grad, None, None, None, None, None, None
+        grad = _run(ctx.fused, _grad_fused, _grad_eager,
+                    (x, big_c, a, b if g_h is not None else None, t, ctx.chunk),
+                    (x, big_c, a, b, _scalar(t, x)), ctx.chunk)
+        # The target's entry from float64: 1 - p_t = -expm1(logprob) cancels in fp32 when p_t ~ 1.
+        at_t = (-g * torch.expm1(logprob) - h * torch.exp(logprob) * (logprob + ent)) / t
+        rows = owned.nonzero().squeeze(-1)
+        grad[rows, tgt[rows, 0]] = at_t[rows].to(grad.dtype)
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprob_entropy(
@@ -191,15 +260,18 @@ def vocab_parallel_logprob_entropy(
     chunk_size: int | None = None,
     with_entropy: bool = True,
     entropy_grad: bool = True,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``target`` and entropy of softmax(logits / temperature), float32, shape [...].
 
     ``logits`` [..., V/TP] is this rank's vocabulary shard (rank r of ``tp_group`` holds ids
     [r*V/TP, (r+1)*V/TP)); ``tp_group=None`` means it is the whole vocabulary. ``target`` holds
-    global ids. Any float dtype; math in float32, gradient in the input's dtype. ``chunk_size``
-    tokens are processed at a time (default: a few MiB of workspace on CPU, 256 MiB on CUDA).
+    global ids. Any float dtype; math in float32, gradient in the input's dtype.
     ``entropy_grad=False`` returns a detached entropy and a backward that only pays for the
     log-prob. ``with_entropy=False`` skips the entropy and returns None for it.
+    ``fused``: torch.compile'd kernels (None: on CUDA when triton is importable). ``chunk_size``
+    tokens are processed at a time (eager default: 1 MiB fp32 buffers on CPU, 256 MiB on CUDA;
+    fused default: all tokens at once, as it needs no workspace).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -207,16 +279,17 @@ def vocab_parallel_logprob_entropy(
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target shape {tuple(target.shape)} != logits shape {tuple(logits.shape[:-1])}")
-    vr = logits.shape[-1]
-    chunk = chunk_size or default_chunk_size(vr, logits.device)
-    if chunk < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if fused is None and not fused_available(logits.device):
+        fused = False
+    vr = logits.shape[-1]
     lead = logits.shape[:-1]
     x = logits.reshape(-1, vr)
     if x.shape[0] == 0:
         empty = logits.new_zeros(lead, dtype=torch.float32)
         return empty, (empty.clone() if with_entropy else None)
-    lp, ent = _LogprobEntropy.apply(
-        x, target.reshape(-1).long(), tp_group, float(temperature), int(chunk), with_entropy, entropy_grad
-    )
+    chunk = chunk_size or (x.shape[0] if fused is not False else default_chunk_size(vr, logits.device))
+    args = (tp_group, float(temperature), int(chunk), with_entropy, entropy_grad, fused)
+    lp, ent = _LogprobEntropy.apply(x, target.reshape(-1).long(), *args)
     return lp.view(lead), (ent.view(lead) if with_entropy else None)
