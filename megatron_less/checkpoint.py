@@ -30,7 +30,6 @@ from megatron_less import convert
 from megatron_less.convert import CheckpointError
 from megatron_less.models import qwen2
 from megatron_less.models.qwen2 import ConfigError, Qwen2Arch
-from megatron_less.parallel import cpu_compat
 
 META_FILE = "megatron_less.json"
 FORMAT_VERSION = 1
@@ -77,15 +76,6 @@ def _rank0_then_all(fn, *args):
         raise CheckpointError(msg[0])
 
 
-# On CPU the torch_dist writer trips on torch.cuda.synchronize() (after preloading tensors) and
-# a failure flag built on torch.cuda.current_device(). cpu_compat's module-scoped torch proxy
-# answers both; applied only around a save since cpu_compat itself has no checkpoint patch.
-_SAVE_PATCH = cpu_compat.Patch(
-    "dist_ckpt_save", "the torch_dist writer calls torch.cuda.synchronize/current_device",
-    cpu_compat._torch_proxy("megatron.core.dist_checkpointing.strategies.filesystem_async",
-                            "megatron.core.dist_checkpointing.strategies.state_dict_saver"))
-
-
 @contextlib.contextmanager
 def _sync_save():
     """A synchronous save writes and collects its results in this process, so the writer's
@@ -96,12 +86,9 @@ def _sync_save():
     make_queue = fsa.__dict__.get("_get_write_results_queue")
     if make_queue is not None:
         fsa._get_write_results_queue = queue.Queue
-    if cpu_compat.needed():
-        _SAVE_PATCH.apply()
     try:
         yield
     finally:
-        _SAVE_PATCH.revert()
         if make_queue is not None:
             fsa._get_write_results_queue = make_queue
 

@@ -2,6 +2,8 @@
 
 When a megatron-core upgrade fixes one of these spots, its test here fails: delete the patch."""
 
+import os
+
 import pytest
 import torch
 
@@ -13,14 +15,17 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="patches apply
 SINGLE_PROCESS = [
     "rotary_device", "rng_tracker", "schedule_device", "causal_mask", "ddp_buffers",
     "optimizer_device", "clip_grads_device", "clip_grads_type_check", "memory_buffer",
+    "dist_ckpt_save",
 ]
 # Order matters: a failed p2p transfer leaves the process group broken, so it goes last.
 PIPELINE = ["tied_embedding_sync", None, "p2p_device"]
 
 
 def _train_step_without(tp, pp, names):
-    """A full step (build, forward/backward over 2 micro-batches, clipped Adam step) with one
-    patch removed at a time; returns the last error line per patch (None: it worked)."""
+    """A full step (build, forward/backward over 2 micro-batches, clipped Adam step, torch_dist
+    checkpoint save) with one patch removed at a time; returns the error per patch (None: it
+    worked)."""
+    import tempfile
     from megatron_less.models import qwen2
     from megatron_less.parallel import runtime
     from megatron_less.trainer.model_setup import OptimConfig, build_policy, forward_backward
@@ -43,6 +48,11 @@ def _train_step_without(tp, pp, names):
 
                 forward_backward(policy, list(toks.chunk(2)), fwd, num_microbatches=2, seq_length=16, micro_batch_size=2)
                 policy.optimizer.step()
+                if pp == 1:  # one save proves the writer patch; PP runs test the schedule
+                    from megatron_less.checkpoint import save_checkpoint
+
+                    with tempfile.TemporaryDirectory() as d:
+                        save_checkpoint(policy.module, os.path.join(d, "ckpt"), arch, hf_config=dict(tiny.BASE, num_hidden_layers=2))
                 out[name] = None
             except Exception as e:  # noqa: BLE001
                 out[name] = f"{type(e).__name__}: {e}"

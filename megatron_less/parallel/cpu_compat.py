@@ -231,6 +231,15 @@ PATCHES: dict[str, Patch] = {
             },
         ),
         Patch(
+            "dist_ckpt_save",
+            "the torch_dist checkpoint writer calls torch.cuda.synchronize() and builds a failure "
+            "flag on torch.cuda.current_device()",
+            _torch_proxy(
+                "megatron.core.dist_checkpointing.strategies.filesystem_async",
+                "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+            ),
+        ),
+        Patch(
             "memory_buffer",
             "core attention's global scratch buffer is allocated on current_device()",
             _torch_proxy("megatron.core.utils"),
