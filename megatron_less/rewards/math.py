@@ -3,17 +3,20 @@
 GRPO learns only from this number and LESS splits segments by it, so a wrong verdict poisons
 both; every verdict therefore carries the reason it was given.
 
-Time bounds. A single verdict runs under a ``setitimer`` alarm, which interrupts pure-Python
-work (LaTeX parsing, sympy simplification). Alarms reach only a process's main thread and cannot
-interrupt long C calls, so ``score_batch`` runs verdicts in worker processes that the parent
-kills and replaces when they overrun (see ``rewards.pool``). ``compute_score`` called from a
-non-main thread goes through that pool too.
+Time bounds. ``timeout`` is CPU seconds: a verdict runs under a ``setitimer(ITIMER_PROF)``
+alarm, which interrupts pure-Python work (LaTeX parsing, sympy simplification). CPU time, not
+wall time, so that a loaded host (rollout engines, other workers) does not turn slow-but-fine
+verdicts into false "timeout"s; and SIGPROF, not SIGALRM, so a caller's own alarm is left
+alone. Alarms reach only a process's main thread and cannot interrupt long C calls, so
+``score_batch`` runs verdicts in worker processes that the parent kills and replaces past a
+wall-clock limit (see ``rewards.pool``). ``compute_score`` from a non-main thread uses the pool.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -67,9 +70,10 @@ def prejudge(response: str, reference: str, shortcuts: bool = True) -> ScoreResu
 def judge_timed(
     extracted: str, reference: str, timeout: float, shortcuts: bool = True
 ) -> ScoreResult:
-    """Run ``equivalent`` under a ``timeout``-second alarm. Main thread only."""
-    old_handler = signal.signal(signal.SIGALRM, _on_alarm)
-    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, timeout)
+    """Run ``equivalent`` with a budget of ``timeout`` CPU seconds. Main thread only."""
+    old_handler = signal.signal(signal.SIGPROF, _on_alarm)
+    started = time.process_time()
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_PROF, timeout)
     try:
         ok = equivalent(extracted, reference, shortcuts)
         result = ScoreResult(1.0 if ok else 0.0, extracted, "correct" if ok else "mismatch")
@@ -78,10 +82,11 @@ def judge_timed(
     except Exception:  # noqa: BLE001 - one bad answer must cost one reward, not the batch
         result = ScoreResult(0.0, extracted, "error")
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay:  # give back a caller's pending alarm rather than cancel it
-            signal.setitimer(signal.ITIMER_REAL, max(old_delay - timeout, 1e-3))
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old_handler)
+        if old_delay:  # a profiler's timer was running: give back what is left of it
+            spent = time.process_time() - started
+            signal.setitimer(signal.ITIMER_PROF, max(old_delay - spent, 1e-3), old_interval)
     return result
 
 

@@ -3,9 +3,11 @@
 Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot kill one stuck worker (only
 shut the whole pool down, and a stuck process blocks that), a future's timeout counts queueing
 time, and a dead worker breaks the whole executor. Here each worker streams back one verdict
-per item, so the parent knows which item a worker is on and since when; past
-``timeout + grace`` it kills that worker, scores the item "timeout", starts a replacement and
-requeues the rest of the worker's chunk. A worker that dies scores its item "error".
+per item, so the parent knows which item a worker is on and since when; past a wall-clock
+limit of ``2 * timeout + grace`` (the worker's own alarm counts CPU seconds, and a starved
+worker needs more wall time than CPU time) it kills that worker, scores the item "timeout",
+starts a replacement and requeues the rest of the worker's chunk. A worker that dies scores
+its item "error".
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class VerifierPool:
         todo = list(extracted)
         size = max(1, min(64, math.ceil(len(todo) / (4 * self.num_workers))))
         chunks = deque(todo[i : i + size] for i in range(0, len(todo), size))
-        limit = options[0] + self.grace
+        limit = 2 * options[0] + self.grace
 
         def give(w: _Worker) -> None:
             chunk = chunks.popleft()
