@@ -100,14 +100,16 @@ def _stats_eager(x, tgt, temperature, chunk, with_entropy):
     return stats
 
 
-def _stats_fused(x, tgt, temperature: torch.Tensor):  # 0-d tensor: no recompile per value
+def _stats_fused(x, tgt, inv_t):
     z = x.float()
     mx = z.amax(-1, keepdim=True)
-    d = (z - mx) / temperature
+    d = _times(z - mx, inv_t)
     e = torch.exp(d)
     f = torch.frac(e)
-    cols = [mx, e.sum(-1, keepdim=True), f.sum(-1, keepdim=True), (d * f).sum(-1, keepdim=True)]
-    return torch.cat(cols + [x.gather(-1, tgt).float()], -1)
+    # float64 accumulators: free in a fused reduction, and a compiled reduction sums in a
+    # plain per-lane loop (CPU) rather than torch.sum's cascade - 1e-6 off at 4k+ terms
+    sums = [v.double().sum(-1, keepdim=True) for v in (e, f, d * f)]
+    return torch.cat([mx.double()] + sums + [x.gather(-1, tgt).double()], -1)
 
 
 def _grad_eager(x, big_c, a, b, temperature, chunk):
@@ -135,16 +137,25 @@ def _grad_eager(x, big_c, a, b, temperature, chunk):
     return grad
 
 
-def _grad_fused(x, big_c, a, b, temperature: torch.Tensor):
-    l = (x.float() - big_c) / temperature
+def _grad_fused(x, big_c, a, b, inv_t):
+    l = _times(x.float() - big_c, inv_t)
     return (torch.exp(l) * (a + b * l)).to(x.dtype)
 
 
 _compiled: dict = {}
 
 
-def _scalar(v: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(v, dtype=torch.float32, device=like.device)
+def _inv_t(temperature: float, like: torch.Tensor) -> torch.Tensor:
+    """1/T as an fp32 pair hi + lo, a tensor so that no value of T recompiles. Compilers turn
+    / T into * fl(1/T), a *systematic* relative error that exp amplifies by |z| (1e-6 at
+    |z| ~ 20); (v * hi + v * lo) is as good as a correctly rounded division."""
+    hi = torch.tensor(1.0 / temperature, dtype=torch.float32)
+    lo = torch.tensor(1.0 / temperature - hi.double().item(), dtype=torch.float32)
+    return torch.stack([hi, lo]).to(like.device)
+
+
+def _times(v, inv_t):
+    return v * inv_t[0] + v * inv_t[1]
 
 
 def _fused(fn):
@@ -172,7 +183,7 @@ def _run(fused, fused_fn, eager_fn, eager_args, fused_args, chunk):
             fn, n = _fused(fused_fn), fused_args[0].shape[0]
             if chunk >= n:
                 return fn(*fused_args)
-            rows = lambda s: [v[s : s + chunk] if v.dim() else v for v in fused_args]  # noqa: E731
+            rows = lambda s: [v if v is fused_args[-1] else v[s : s + chunk] for v in fused_args]  # noqa: E731
             return torch.cat([fn(*rows(s)) for s in range(0, n, chunk)])
         except Exception as exc:  # noqa: BLE001 - inductor raises many kinds
             if fused:
@@ -190,7 +201,7 @@ class _LogprobEntropy(torch.autograd.Function):
         tp, rank = _group_info(group)
         tgt, owned = _local_target(target, rank, vr)
         stats = _run(fused, _stats_fused, _stats_eager,
-                     (x, tgt, temperature, chunk, with_entropy), (x, tgt, _scalar(temperature, x)), chunk).double()
+                     (x, tgt, temperature, chunk, with_entropy), (x, tgt, _inv_t(temperature, x)), chunk).double()
         ones = torch.round(stats[:, 1] - stats[:, 2])  # >= 1: the max and its ties
         stats = torch.stack([stats[:, 0], stats[:, 2] + (ones - 1), stats[:, 3],
                              torch.where(owned, stats[:, 4], 0.0)], -1)
@@ -243,7 +254,7 @@ class _LogprobEntropy(torch.autograd.Function):
         big_c = big_c.unsqueeze(-1)
         grad = _run(ctx.fused, _grad_fused, _grad_eager,
                     (x, big_c, a, b if g_h is not None else None, t, ctx.chunk),
-                    (x, big_c, a, b, _scalar(t, x)), ctx.chunk)
+                    (x, big_c, a, b, _inv_t(t, x)), ctx.chunk)
         # The target's entry from float64: 1 - p_t = -expm1(logprob) cancels in fp32 when p_t ~ 1.
         at_t = (-g * torch.expm1(logprob) - h * torch.exp(logprob) * (logprob + ent)) / t
         rows = owned.nonzero().squeeze(-1)

@@ -1,0 +1,202 @@
+"""vocab_parallel_logprob_entropy on one GPU (TP=1): correctness vs float64, then memory and time.
+
+    python tests/gpu/vocab_parallel_gpu.py [--tokens 16384] [--vocab 151936] [--skip-naive]
+    python tests/gpu/vocab_parallel_gpu.py --cpu      # small CPU smoke run of the same code paths
+
+Torch only (no megatron). Checks: log-prob, entropy and the combined gradient against a float64
+reference for fp32 and bf16 logits, temperature 1 and 0.7, default and odd chunks, eager and
+fused (torch.compile) kernels; the input must come back bit-identical. Benchmark: bf16 logits
+[tokens, vocab] (Qwen2.5's vocabulary by default), forward + backward of
+sum(lp * g1 + H * g2), each way: peak CUDA memory above the inputs
+(torch.cuda.max_memory_allocated, gradient included), and the best of 3 timed runs.
+Every line starts with CHECK, BENCH, RATIO, INFO or SUMMARY; exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from megatron_less.ops.vocab_parallel import (  # noqa: E402
+    default_chunk_size,
+    fused_available,
+    vocab_parallel_logprob_entropy,
+)
+
+FAILURES: list[str] = []
+
+
+def reference(x, t, temp):
+    """float64, and written so that confident tokens do not cancel either."""
+    z = x.double() / temp
+    m, arg = z.max(-1, keepdim=True)
+    rest = torch.exp(z - m).scatter(-1, arg, 0.0).sum(-1, keepdim=True)
+    logp = (z - m) - torch.log1p(rest)
+    return logp.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def check(dev, fused_modes):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, v, temp, chunk in ((257, 5003, 1.0, None), (300, 4099, 0.7, 37)):
+            x = torch.randn(n, v, generator=g) * 3 + 10
+            x[torch.arange(40), torch.arange(40)] += torch.linspace(4, 16, 40) / temp  # confident
+            t = torch.randint(0, v, (n,), generator=g)
+            t[:20] = torch.arange(20)  # ... with the argmax as target
+            x, t = x.to(dtype).to(dev), t.to(dev)
+            g1, g2 = torch.randn(2, n, generator=g).to(dev)
+            xr = x.double().requires_grad_()
+            lp_r, h_r = reference(xr, t, temp)
+            (lp_r * g1 + h_r * g2).sum().backward()
+            for fused in fused_modes:
+                name = f"{str(dtype)[6:]:8s} T={temp} chunk={chunk} {'fused' if fused else 'eager'}"
+                try:
+                    xx = x.clone().requires_grad_()
+                    before = xx.detach().clone()
+                    lp, h = vocab_parallel_logprob_entropy(xx, t, temperature=temp, chunk_size=chunk, fused=fused)
+                    (lp * g1 + h * g2).sum().backward()
+                    e_lp = ((lp.double() - lp_r) / lp_r).abs().max().item()
+                    e_h = ((h.double() - h_r) / h_r).abs().max().item()
+                    err = xx.grad.double() - xr.grad
+                    if dtype == torch.bfloat16:  # one bf16 rounding of an fp32-accurate value
+                        e_g = (err.abs() / xr.grad.abs().clamp_min(1e-30)).max().item()
+                        ok_g = e_g <= 2.0**-8 * (1 + 1e-5)
+                    else:  # per token, normwise
+                        e_g = (err.norm(dim=-1) / xr.grad.norm(dim=-1)).max().item()
+                        ok_g = e_g < 1e-6
+                    same = torch.equal(xx.detach().view(torch.uint8), before.view(torch.uint8))
+                    ok = e_lp < 1e-6 and e_h < 1e-6 and ok_g and same and xx.grad.dtype == dtype
+                    print(f"CHECK {name}: logprob rel {e_lp:.1e}  entropy rel {e_h:.1e}  grad rel {e_g:.1e}"
+                          f"  input untouched {same}  -> {'PASS' if ok else 'FAIL'}", flush=True)
+                    if not ok:
+                        FAILURES.append(name)
+                except Exception:  # noqa: BLE001 - report and carry on to the benchmark
+                    FAILURES.append(name)
+                    print(f"CHECK {name}: ERROR\n{traceback.format_exc()}", flush=True)
+
+
+def naive(x, t, g1, g2):
+    logp = torch.log_softmax(x.float(), -1)
+    lp = logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    h = -(logp.exp() * logp).sum(-1)
+    (lp * g1 + h * g2).sum().backward()
+
+
+def ours(**kw):
+    def run(x, t, g1, g2):
+        lp, h = vocab_parallel_logprob_entropy(x, t, **kw)
+        loss = lp * g1 + (h * g2 if h is not None else 0)
+        loss.sum().backward()
+
+    return run
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(dev, tokens, vocab, runs, repeats=3):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = (torch.randn(tokens, vocab, generator=g) * 2).to(torch.bfloat16).to(dev).requires_grad_()
+    t = torch.randint(0, vocab, (tokens,), generator=g).to(dev)
+    g1, g2 = torch.randn(2, tokens, generator=g).to(dev)
+    grad_mib = x.numel() * x.element_size() / 2**20
+    print(f"INFO bench: {tokens} tokens x {vocab} vocab, bf16 logits {grad_mib:.0f} MiB (the gradient is "
+          f"as big and counted in every peak); one fp32 [T, V] = {2 * grad_mib:.0f} MiB", flush=True)
+    out = {}
+    for label, fn in runs:
+        try:
+            x.grad = None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            sync(dev)
+            t0 = time.perf_counter()
+            if dev.type == "cuda":
+                fn(x, t, g1, g2)  # first call: includes any compilation
+                sync(dev)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            else:  # torch's CPU allocator events, replayed (see megatron_less/ops/memory.py)
+                from megatron_less.ops.memory import peak_tensor_bytes
+
+                peak = peak_tensor_bytes(lambda: fn(x, t, g1, g2))[0] / 2**20
+            first = time.perf_counter() - t0
+            times = []
+            for _ in range(repeats):
+                x.grad = None
+                sync(dev)
+                t0 = time.perf_counter()
+                fn(x, t, g1, g2)
+                sync(dev)
+                times.append(time.perf_counter() - t0)
+            out[label] = (min(times), peak)
+            print(f"BENCH {label:34s} fwd+bwd {min(times) * 1e3:9.1f} ms  (first call {first:6.1f} s)  "
+                  f"peak {peak:9.0f} MiB  minus grad {peak - grad_mib:9.0f} MiB", flush=True)
+        except torch.cuda.OutOfMemoryError:
+            print(f"BENCH {label:34s} OUT OF MEMORY", flush=True)
+        except Exception:  # noqa: BLE001
+            FAILURES.append(f"bench {label}")
+            print(f"BENCH {label:34s} ERROR\n{traceback.format_exc()}", flush=True)
+        x.grad = None
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="small smoke run on the CPU")
+    ap.add_argument("--fused", action="store_true", help="with --cpu: also the compiled kernels (slow)")
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--no-fused", action="store_true", help="skip the torch.compile path")
+    args = ap.parse_args()
+    if args.cpu:
+        dev = torch.device("cpu")
+        tokens, vocab = args.tokens or 256, min(args.vocab, 8192)
+    elif not torch.cuda.is_available():
+        print("SUMMARY: no CUDA device (use --cpu for the CPU smoke run)")
+        sys.exit(1)
+    else:
+        dev = torch.device("cuda")
+        tokens, vocab = args.tokens or 16384, args.vocab
+        print(f"INFO device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"fused kernels available: {fused_available(dev)}", flush=True)
+    fused = fused_available(dev) if dev.type == "cuda" else args.fused
+    fused_modes = [False] + ([True] if fused and not args.no_fused else [])
+    t0 = time.perf_counter()
+    check(dev, fused_modes)
+    print(f"INFO checks took {time.perf_counter() - t0:.1f} s", flush=True)
+
+    eager_rows = default_chunk_size(vocab, dev)
+    runs = [(f"op eager, chunk {eager_rows} (default)", ours(fused=False))]
+    if dev.type == "cuda":
+        for mib in (64, 1024):
+            rows = max(1, (mib << 20) // (4 * vocab))
+            runs.append((f"op eager, chunk {rows} ({mib} MiB)", ours(fused=False, chunk_size=rows)))
+    if True in fused_modes:
+        runs += [("op fused (CUDA default)", ours(fused=True)),
+                 ("op fused, chunk 2048", ours(fused=True, chunk_size=2048)),
+                 ("op fused, logprob only", ours(fused=True, with_entropy=False))]
+    if not args.skip_naive:
+        runs.append(("naive log_softmax + entropy", naive))
+    res = bench(dev, tokens, vocab, runs)
+    if "naive log_softmax + entropy" in res:
+        tn, pn = res["naive log_softmax + entropy"]
+        for label, (tm, pk) in res.items():
+            print(f"RATIO {label:34s} time x{tm / tn:5.2f} of naive   peak memory x{pk / pn:6.3f} of naive")
+    print(f"SUMMARY: {'all checks passed' if not FAILURES else f'{len(FAILURES)} failures: {FAILURES}'}; "
+          f"total {time.perf_counter() - t0:.0f} s")
+    sys.exit(1 if FAILURES else 0)
+
+
+if __name__ == "__main__":
+    main()
