@@ -104,10 +104,10 @@ def sync(dev):
 
 
 def bench(dev, tokens, vocab, runs, repeats=3):
-    g = torch.Generator(device="cpu").manual_seed(1)
-    x = (torch.randn(tokens, vocab, generator=g) * 2).to(torch.bfloat16).to(dev).requires_grad_()
-    t = torch.randint(0, vocab, (tokens,), generator=g).to(dev)
-    g1, g2 = torch.randn(2, tokens, generator=g).to(dev)
+    g = torch.Generator(device=dev).manual_seed(1)  # on the device: 10 GB of CPU randn is slow
+    x = torch.randn(tokens, vocab, generator=g, device=dev, dtype=torch.bfloat16).mul_(2).requires_grad_()
+    t = torch.randint(0, vocab, (tokens,), generator=g, device=dev)
+    g1, g2 = torch.randn(2, tokens, generator=g, device=dev)
     grad_mib = x.numel() * x.element_size() / 2**20
     print(f"INFO bench: {tokens} tokens x {vocab} vocab, bf16 logits {grad_mib:.0f} MiB (the gradient is "
           f"as big and counted in every peak); one fp32 [T, V] = {2 * grad_mib:.0f} MiB", flush=True)
