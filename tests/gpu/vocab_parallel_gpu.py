@@ -161,6 +161,8 @@ def main():
     args = ap.parse_args()
     if args.cpu:
         dev = torch.device("cpu")
+        # one thread: many small ops on a shared machine stall at every intra-op barrier
+        torch.set_num_threads(1)
         tokens, vocab = args.tokens or 256, min(args.vocab, 8192)
     elif not torch.cuda.is_available():
         print("SUMMARY: no CUDA device (use --cpu for the CPU smoke run)")
