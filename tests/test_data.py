@@ -33,7 +33,14 @@ def test_offline_copies_load(data_dir, name):
 
 
 def test_registry_has_the_six_benchmarks():
-    assert set(B.BENCHMARKS) == {"math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench"}
+    assert set(B.BENCHMARKS) == {
+        "math500",
+        "aime24",
+        "aime25",
+        "amc23",
+        "minerva_math",
+        "olympiadbench",
+    }
     for spec in B.DATASETS.values():
         assert spec.local_file.endswith(".jsonl") and "/" in spec.hub_name
 
@@ -49,7 +56,9 @@ def test_dispatch(data_dir, tmp_path, monkeypatch):
     assert B.resolve("aime24", data_dir) == ("local", data_dir / "eval/aime24.jsonl")
     assert B.resolve("minerva", data_dir)[1].name == "minerva_math.jsonl"  # alias
     kind, spec = B.resolve("aime24", tmp_path)  # no offline copy there -> hub
-    assert kind == "hub" and spec.hub_name == "HuggingFaceH4/aime_2024" and spec.hub_split == "train"
+    assert (
+        kind == "hub" and spec.hub_name == "HuggingFaceH4/aime_2024" and spec.hub_split == "train"
+    )
     kind, spec = B.resolve("someone/some_math:validation")
     assert kind == "hub" and (spec.hub_name, spec.hub_split) == ("someone/some_math", "validation")
     assert B.resolve(str(tmp_path / "x.parquet")) == ("local", tmp_path / "x.parquet")
@@ -87,8 +96,11 @@ def test_hub_rows_are_mapped(monkeypatch, tmp_path):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"aime25: no offline copy at .*aime25\.jsonl, and loading "
-                       r"'yentinglin/aime_2025' .* failed: ConnectionError: no network"):
+    with pytest.raises(
+        DataError,
+        match=r"aime25: no offline copy at .*aime25\.jsonl, and loading "
+        r"'yentinglin/aime_2025' .* failed: ConnectionError: no network",
+    ):
         B.load_benchmark("aime25", tmp_path)
 
 
@@ -101,7 +113,9 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 
 def test_bad_json_names_file_and_line(tmp_path):
-    f = _write(tmp_path / "d.jsonl", ['{"problem": "p", "answer": "1"}', "", '{"problem": "p", "answer":'])
+    f = _write(
+        tmp_path / "d.jsonl", ['{"problem": "p", "answer": "1"}', "", '{"problem": "p", "answer":']
+    )
     with pytest.raises(DataError, match=r"d\.jsonl:3: bad JSON"):
         load_problems(f)
 
@@ -126,7 +140,12 @@ def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
 def test_skip_bad_counts_and_keeps_good_rows(tmp_path):
     f = _write(
         tmp_path / "d.jsonl",
-        ['{"problem": "a", "answer": "1"}', "{not json", '{"problem": "b"}', '{"problem": "c", "answer": 3}'],
+        [
+            '{"problem": "a", "answer": "1"}',
+            "{not json",
+            '{"problem": "b"}',
+            '{"problem": "c", "answer": 3}',
+        ],
     )
     problems, stats = load_problems(f, skip_bad=True)
     assert [p.answer for p in problems] == ["1", "3"]
@@ -148,7 +167,10 @@ def test_json_array_and_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": "4"}, {"problem": "p2", "answer": None}]), tmp_path / "d.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"problem": "p", "answer": "4"}, {"problem": "p2", "answer": None}]),
+        tmp_path / "d.parquet",
+    )
     with pytest.raises(DataError, match=r"d\.parquet:2: missing or empty answer"):
         load_problems(tmp_path / "d.parquet")
     assert load_problems(tmp_path / "d.parquet", skip_bad=True)[1].skipped == 1
@@ -165,8 +187,13 @@ def test_train_file_roundtrip_and_errors(tmp_path, data_dir):
     assert write_train_file(problems, out, template="qwen_math") == 30
     rows, stats = read_train_file(out)
     assert len(rows) == 30 and rows[0]["template"] == "qwen_math"
-    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n") and rows[0]["answer"] == problems[0].answer
-    bad = _write(tmp_path / "bad.jsonl", ['{"prompt": "p", "answer": "1"}', '{"prompt": "p", "answer": 1}'])
+    assert (
+        rows[0]["prompt"].endswith("<|im_start|>assistant\n")
+        and rows[0]["answer"] == problems[0].answer
+    )
+    bad = _write(
+        tmp_path / "bad.jsonl", ['{"prompt": "p", "answer": "1"}', '{"prompt": "p", "answer": 1}']
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl:2: missing or empty string field 'answer'"):
         read_train_file(bad)
     assert read_train_file(bad, skip_bad=True)[1].skipped == 1
@@ -175,14 +202,33 @@ def test_train_file_roundtrip_and_errors(tmp_path, data_dir):
 def test_prepare_data_tool(tmp_path, data_dir, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prepare_data", Path(__file__).parents[1] / "tools/prepare_data.py")
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data", Path(__file__).parents[1] / "tools/prepare_data.py"
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "t.jsonl"
-    rc = tool.main(["--source", "math_train", "--data-dir", str(data_dir), "--out", str(out), "--template", "plain", "--limit", "5"])
+    rc = tool.main(
+        [
+            "--source",
+            "math_train",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--template",
+            "plain",
+            "--limit",
+            "5",
+        ]
+    )
     assert rc == 0 and "wrote 5 rows" in capsys.readouterr().out
     rows, _ = read_train_file(out)
-    assert len(rows) == 5 and rows[0]["prompt"].startswith("Question: ") and "\\boxed{}" in rows[0]["prompt"]
+    assert (
+        len(rows) == 5
+        and rows[0]["prompt"].startswith("Question: ")
+        and "\\boxed{}" in rows[0]["prompt"]
+    )
     bad = _write(tmp_path / "bad.jsonl", ['{"problem": "a", "answer": "1"}', "{"])
     assert tool.main(["--source", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl:2: bad JSON" in capsys.readouterr().err
@@ -232,9 +278,16 @@ def test_qwen_math_template_uses_chat_template(tiny_tok_dir):
 
 def test_plain_and_unknown_templates():
     p = apply_template("plain", "Compute 2+2.")
-    assert p.startswith("Question: Compute 2+2.\n") and SYSTEM_PROMPT in p and p.endswith("step by step.")
+    assert (
+        p.startswith("Question: Compute 2+2.\n")
+        and SYSTEM_PROMPT in p
+        and p.endswith("step by step.")
+    )
     assert apply_template("none", "x") == "x"
-    assert chatml([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        chatml([{"role": "user", "content": "hi"}])
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     with pytest.raises(ValueError, match="unknown prompt template 'chat'"):
         apply_template("chat", "x")
 
@@ -247,7 +300,11 @@ def test_sentencepiece_tokenizer(tmp_path, math_texts):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(math_texts), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=300, model_type="bpe", minloglevel=2
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=300,
+        model_type="bpe",
+        minloglevel=2,
     )
     folder = tmp_path / "sp_tok"
     folder.mkdir()

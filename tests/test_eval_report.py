@@ -29,7 +29,12 @@ def samples_doc(data_dir):
     for name, limit in (("aime24", 30), ("math500", 20)):
         problems = load_benchmark(name, data_dir)[:limit]
         doc["benchmarks"][name] = [
-            {"id": p.id, "problem": p.problem, "answer": p.answer, "responses": _responses(p.answer)}
+            {
+                "id": p.id,
+                "problem": p.problem,
+                "answer": p.answer,
+                "responses": _responses(p.answer),
+            }
             for p in problems
         ]
     return doc
@@ -47,7 +52,11 @@ def test_score_document_metrics(samples_doc):
         assert m["worst@4"] == 0.0
         assert m["maj@4"] == 1.0  # the right answer is the only one given twice
         assert m["no_box"] == pytest.approx(0.25)
-        assert m["reasons"] == {"correct": 2 * m["problems"], "mismatch": m["problems"], "no_box": m["problems"]}
+        assert m["reasons"] == {
+            "correct": 2 * m["problems"],
+            "mismatch": m["problems"],
+            "no_box": m["problems"],
+        }
     assert report["average"]["avg@4"] == pytest.approx(0.5)
     assert report["average"]["problems"] == 50
     sample = report["benchmarks"]["aime24"][0]["samples"]
@@ -65,14 +74,20 @@ def test_cli_end_to_end(samples_doc, tmp_path, capsys):
     assert "aime24" in printed and "math500" in printed and "average" in printed
     assert "avg@4" in printed and "50.0" in printed
     results = json.loads((out / "eval_results.json").read_text(encoding="utf-8"))
-    assert sum(len(item["samples"]) for items in results["benchmarks"].values() for item in items) == 200
+    assert (
+        sum(len(item["samples"]) for items in results["benchmarks"].values() for item in items)
+        == 200
+    )
     assert results["meta"]["model"] == "fake" and results["meta"]["scored_responses"] == 200
     png = (out / "eval_summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
     # A results file is itself a samples file: re-scoring gives the same numbers.
     again = tmp_path / "again"
-    assert main(["--samples", str(out / "eval_results.json"), "--out-dir", str(again), "--no-plot"]) == 0
+    assert (
+        main(["--samples", str(out / "eval_results.json"), "--out-dir", str(again), "--no-plot"])
+        == 0
+    )
     re_results = json.loads((again / "eval_results.json").read_text(encoding="utf-8"))
     assert re_results["metrics"] == results["metrics"]
     assert not (again / "eval_summary.png").exists()
@@ -81,21 +96,50 @@ def test_cli_end_to_end(samples_doc, tmp_path, capsys):
 def test_cli_benchmark_filter_and_ks(samples_doc, tmp_path, capsys):
     src = tmp_path / "samples.json"
     src.write_text(json.dumps(samples_doc), encoding="utf-8")
-    rc = main(["--samples", str(src), "--benchmarks", "aime24", "--ks", "1,3", "--out-dir", str(tmp_path), "--no-bootstrap"])
+    rc = main(
+        [
+            "--samples",
+            str(src),
+            "--benchmarks",
+            "aime24",
+            "--ks",
+            "1,3",
+            "--out-dir",
+            str(tmp_path),
+            "--no-bootstrap",
+        ]
+    )
     assert rc == 0
     results = json.loads((tmp_path / "eval_results.json").read_text(encoding="utf-8"))
     assert list(results["metrics"]) == ["aime24"]
     m = results["metrics"]["aime24"]
     assert "pass@3" in m and "pass@2" not in m and not any("bootstrap" in k for k in m)
+    assert (
+        main(["--samples", str(src), "--benchmarks", "aime24,aime25", "--out-dir", str(tmp_path)])
+        == 2
+    )
+    assert "no samples for ['aime25']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "doc, message",
     [
         ({"benchmarks": {}}, "non-empty 'benchmarks'"),
-        ({"benchmarks": {"a": [{"answer": "1", "responses": ["x", "y"]}, {"answer": "2", "responses": ["x"]}]}},
-         r"benchmarks\.a\[1\]: has 1 responses but earlier problems have 2"),
-        ({"benchmarks": {"a": [{"responses": ["x"]}]}}, r"benchmarks\.a\[0\]: missing or empty string 'answer'"),
+        (
+            {
+                "benchmarks": {
+                    "a": [
+                        {"answer": "1", "responses": ["x", "y"]},
+                        {"answer": "2", "responses": ["x"]},
+                    ]
+                }
+            },
+            r"benchmarks\.a\[1\]: has 1 responses but earlier problems have 2",
+        ),
+        (
+            {"benchmarks": {"a": [{"responses": ["x"]}]}},
+            r"benchmarks\.a\[0\]: missing or empty string 'answer'",
+        ),
         ({"benchmarks": {"a": [{"answer": "1", "responses": [3]}]}}, "non-empty list of strings"),
     ],
 )
@@ -116,7 +160,9 @@ def test_bad_json_and_no_engine(tmp_path, capsys):
 
 
 def test_evaluate_with_a_generate_callable(data_dir, tmp_path, capsys):
-    answers = {p.problem: p.answer for b in ("aime24", "amc23") for p in load_benchmark(b, data_dir)}
+    answers = {
+        p.problem: p.answer for b in ("aime24", "amc23") for p in load_benchmark(b, data_dir)
+    }
     calls = []
 
     def fake_generate(prompts, n, temperature, top_p, max_tokens):
@@ -127,7 +173,9 @@ def test_evaluate_with_a_generate_callable(data_dir, tmp_path, capsys):
             out.append([f"\\boxed{{{answers[problem]}}}"] + ["\\boxed{-1}"] * (n - 1))
         return out
 
-    report = evaluate(fake_generate, ["aime24", "amc23"], n=2, data_dir=data_dir, limit=5, num_workers=2)
+    report = evaluate(
+        fake_generate, ["aime24", "amc23"], n=2, data_dir=data_dir, limit=5, num_workers=2
+    )
     assert calls == [(10, 2, 0.6, 0.95, 4096)]
     assert report["metrics"]["aime24"]["avg@2"] == pytest.approx(0.5)
     assert report["metrics"]["amc23"]["pass@2"] == 1.0
@@ -138,6 +186,19 @@ def test_evaluate_with_a_generate_callable(data_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="expected 5 rows of 2"):
         evaluate(lambda p, n, *a: [["x"]] * len(p), ["aime24"], n=2, data_dir=data_dir, limit=5)
 
-    rc = main(["--benchmarks", "aime24", "--n", "2", "--limit", "3", "--data-dir", str(data_dir),
-               "--out-dir", str(tmp_path)], generate_fn=fake_generate)
+    rc = main(
+        [
+            "--benchmarks",
+            "aime24",
+            "--n",
+            "2",
+            "--limit",
+            "3",
+            "--data-dir",
+            str(data_dir),
+            "--out-dir",
+            str(tmp_path),
+        ],
+        generate_fn=fake_generate,
+    )
     assert rc == 0 and (tmp_path / "eval_summary.png").exists()

@@ -100,7 +100,9 @@ def test_bootstrap_worst_matches_verl(k):
     state = np.random.get_state()
     ours = M.bootstrap_worst_at_k(correct, k)
     assert np.array_equal(state[1], np.random.get_state()[1])  # global RNG untouched
-    verl = np.mean([_verl_bootstrap_metric(list(row.astype(float)), k, [np.min])[0][0] for row in correct])
+    verl = np.mean(
+        [_verl_bootstrap_metric(list(row.astype(float)), k, [np.min])[0][0] for row in correct]
+    )
     assert ours == pytest.approx(verl, abs=1e-12)
     # The generic helper is the same as verl's too.
     row = list(correct[0].astype(float))

@@ -249,7 +249,9 @@ def test_compute_score_in_process_is_bounded():
     assert r.reason == "timeout" and time.perf_counter() - t0 < 2.0
 
 
-@pytest.mark.parametrize("which, sig", [(signal.ITIMER_REAL, signal.SIGALRM), (signal.ITIMER_PROF, signal.SIGPROF)])
+@pytest.mark.parametrize(
+    "which, sig", [(signal.ITIMER_REAL, signal.SIGALRM), (signal.ITIMER_PROF, signal.SIGPROF)]
+)
 def test_caller_timers_survive_compute_score(which, sig):
     fired = []
     handler = lambda *a: fired.append(1)  # noqa: E731

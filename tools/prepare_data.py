@@ -2,7 +2,8 @@
 """Write the training file (JSON Lines, ``prompt``/``answer`` per line) that the trainer reads.
 
     python tools/prepare_data.py --source math_train --out data/math_train.jsonl
-    python tools/prepare_data.py --source my.parquet --template qwen_math --tokenizer ckpt/ --out t.jsonl
+    python tools/prepare_data.py --source my.parquet --template qwen_math \\
+        --tokenizer ckpt/ --out t.jsonl
 
 ``--source`` is a registered name (math_train, math500, aime24, ...), a local
 .jsonl/.json/.parquet file, or a hub id ``org/name[:split]``.
@@ -23,7 +24,9 @@ from megatron_less.data.train_file import write_train_file  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--source", default="math_train")
     ap.add_argument("--out", required=True)
     ap.add_argument("--template", default="none", choices=sorted(TEMPLATES))

@@ -40,7 +40,9 @@ BENCHMARKS: dict[str, DatasetSpec] = {
 TRAIN_SETS: dict[str, DatasetSpec] = {
     s.name: s
     for s in [
-        DatasetSpec("math_train", "math/train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "train"),
+        DatasetSpec(
+            "math_train", "math/train.jsonl", "DigitalLearningGmbH/MATH-lighteval", "train"
+        ),
         DatasetSpec("math_test", "math/test.jsonl", "DigitalLearningGmbH/MATH-lighteval", "test"),
     ]
 }
@@ -108,12 +110,15 @@ def load_dataset_problems(
     except Exception as e:  # offline, unknown id, gated dataset...
         local = ""
         if target.local_file:
-            local = f"no offline copy at {Path(data_dir or default_data_dir()) / target.local_file}, and "
+            path = Path(data_dir or default_data_dir()) / target.local_file
+            local = f"no offline copy at {path}, and "
         raise DataError(
             f"{source}: {local}loading {target.hub_name!r} (split {target.hub_split!r}) from the "
             f"Hugging Face hub failed: {type(e).__name__}: {e}"
         ) from e
 
 
-def load_benchmark(name: str, data_dir: str | Path | None = None, skip_bad: bool = False) -> list[Problem]:
+def load_benchmark(
+    name: str, data_dir: str | Path | None = None, skip_bad: bool = False
+) -> list[Problem]:
     return load_dataset_problems(name, data_dir, skip_bad)[0]

@@ -44,5 +44,7 @@ def apply_template(name: str, problem: str, tokenizer=None) -> str:
     try:
         fn = TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown prompt template {name!r}; choose from {sorted(TEMPLATES)}") from None
+        raise ValueError(
+            f"unknown prompt template {name!r}; choose from {sorted(TEMPLATES)}"
+        ) from None
     return fn(problem, tokenizer)

@@ -129,7 +129,9 @@ def to_problem(
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     pkey, problem = _first(row, problem_keys)
     if not isinstance(problem, str) or not problem.strip():
-        raise DataError(f"{where}: missing or empty problem field (looked for {list(problem_keys)})")
+        raise DataError(
+            f"{where}: missing or empty problem field (looked for {list(problem_keys)})"
+        )
     akey, raw = _first(row, answer_keys)
     answer = answer_text(raw) if akey else None
     if answer is None and isinstance(row.get("solution"), str):

@@ -46,14 +46,20 @@ def write_json(path: str | Path, report: dict) -> Path:
     return path
 
 
-def plot_bars(path: str | Path, metrics: dict[str, dict], average: dict | None = None, title: str = "") -> Path:
+def plot_bars(
+    path: str | Path, metrics: dict[str, dict], average: dict | None = None, title: str = ""
+) -> Path:
     """Grouped bars per benchmark (avg@n, pass@n, worst@n, maj@n). Uses the Agg canvas
     directly, so it neither needs a display nor switches the process-wide pyplot backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     n = next(iter(metrics.values()))["n"]
-    series = [c for c in (f"avg@{n}", f"pass@{n}", f"worst@{n}", f"maj@{n}") if all(c in m for m in metrics.values())]
+    series = [
+        c
+        for c in (f"avg@{n}", f"pass@{n}", f"worst@{n}", f"maj@{n}")
+        if all(c in m for m in metrics.values())
+    ]
     series = list(dict.fromkeys(series))  # n == 1: avg, pass and worst are the same name
     rows = dict(metrics)
     if average and len(metrics) > 1:

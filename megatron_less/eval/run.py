@@ -18,7 +18,13 @@ from typing import Callable, Sequence
 
 from megatron_less.eval import metrics as M
 from megatron_less.eval.report import format_table, plot_bars, write_json
-from megatron_less.eval.samples import SamplesError, build_document, load_document, responses_of, validate
+from megatron_less.eval.samples import (
+    SamplesError,
+    build_document,
+    load_document,
+    responses_of,
+    validate,
+)
 from megatron_less.rewards.equivalence import canonical
 from megatron_less.rewards.math import DEFAULT_TIMEOUT, score_batch
 
@@ -72,7 +78,9 @@ def score_document(
         m["reasons"] = reasons
         metrics[name] = m
         out_benchmarks[name] = rows
-    average = M.average_benchmarks({k: {kk: vv for kk, vv in v.items() if kk != "reasons"} for k, v in metrics.items()})
+    average = M.average_benchmarks(
+        {k: {kk: vv for kk, vv in v.items() if kk != "reasons"} for k, v in metrics.items()}
+    )
     meta = dict(doc.get("meta", {}))
     meta.update(scored_responses=len(flat_resp), score_seconds=round(score_seconds, 3))
     return {"meta": meta, "metrics": metrics, "average": average, "benchmarks": out_benchmarks}
@@ -97,7 +105,9 @@ def evaluate(
     from megatron_less.data.prompts import apply_template
 
     problems = {b: load_benchmark(b, data_dir)[:limit] for b in benchmarks}
-    prompts = [apply_template(template, p.problem, tokenizer) for ps in problems.values() for p in ps]
+    prompts = [
+        apply_template(template, p.problem, tokenizer) for ps in problems.values() for p in ps
+    ]
     out = generate_fn(prompts, n, temperature, top_p, max_tokens)
     if len(out) != len(prompts) or any(len(r) != n for r in out):
         shape = f"{len(out)} rows with sizes {sorted({len(r) for r in out})}"
@@ -119,9 +129,14 @@ def save_report(report: dict, out_dir: str | Path, plot: bool = True) -> dict[st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="megatron-less eval", description="Score math benchmark responses.")
+    ap = argparse.ArgumentParser(
+        prog="megatron-less eval", description="Score math benchmark responses."
+    )
     ap.add_argument("--samples", help="saved samples JSON to score (no generation)")
-    ap.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS), help="comma-separated names")
+    ap.add_argument(
+        "--benchmarks",
+        help="comma-separated names (default: all in --samples, else the six benchmarks)",
+    )
     ap.add_argument("--n", type=int, default=8, help="responses per problem (generation)")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -144,13 +159,21 @@ def main(argv: list[str] | None = None, generate_fn: GenerateFn | None = None) -
     rollout engine exists; without one only ``--samples`` mode is available."""
     args = build_parser().parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")] if args.ks else None
-    score_kwargs = dict(ks=ks, num_workers=args.num_workers, timeout=args.timeout, bootstrap=not args.no_bootstrap)
-    benchmarks = [b for b in args.benchmarks.split(",") if b]
+    score_kwargs = dict(
+        ks=ks, num_workers=args.num_workers, timeout=args.timeout, bootstrap=not args.no_bootstrap
+    )
+    chosen = [b for b in args.benchmarks.split(",") if b] if args.benchmarks else None
     try:
         if args.samples:
             doc = load_document(args.samples)
-            if args.benchmarks != build_parser().get_default("benchmarks"):
-                doc["benchmarks"] = {b: v for b, v in doc["benchmarks"].items() if b in benchmarks}
+            if chosen:
+                missing = [b for b in chosen if b not in doc["benchmarks"]]
+                if missing:
+                    raise SamplesError(
+                        f"{args.samples}: no samples for {missing}; "
+                        f"it has {list(doc['benchmarks'])}"
+                    )
+                doc["benchmarks"] = {b: doc["benchmarks"][b] for b in chosen}
             report = score_document(doc, **score_kwargs)
         elif generate_fn is not None:
             tokenizer = None
@@ -159,8 +182,17 @@ def main(argv: list[str] | None = None, generate_fn: GenerateFn | None = None) -
 
                 tokenizer = load_tokenizer(args.tokenizer)
             report = evaluate(
-                generate_fn, benchmarks, args.n, args.temperature, args.top_p, args.max_tokens,
-                args.template, tokenizer, args.data_dir, args.limit, **score_kwargs,
+                generate_fn,
+                chosen or DEFAULT_BENCHMARKS,
+                args.n,
+                args.temperature,
+                args.top_p,
+                args.max_tokens,
+                args.template,
+                tokenizer,
+                args.data_dir,
+                args.limit,
+                **score_kwargs,
             )
         else:
             print("error: no generation engine is available; pass --samples FILE", file=sys.stderr)

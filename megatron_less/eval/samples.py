@@ -19,7 +19,9 @@ class SamplesError(ValueError):
     """A samples file that cannot be scored; the message says where in it."""
 
 
-def build_document(problems_by_benchmark: dict, responses_by_benchmark: dict, meta: dict | None = None) -> dict:
+def build_document(
+    problems_by_benchmark: dict, responses_by_benchmark: dict, meta: dict | None = None
+) -> dict:
     """Samples document from loaded problems and the generator's responses."""
     doc = {"meta": dict(meta or {}), "benchmarks": {}}
     for name, problems in problems_by_benchmark.items():
@@ -46,7 +48,11 @@ def responses_of(item: dict, where: str) -> list[str]:
 def validate(doc, source: str = "samples") -> dict[str, list[dict]]:
     """{benchmark: items}, each item with a string answer and n responses (same n per
     benchmark, which the metrics need). Raises SamplesError naming the offending entry."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), dict) or not doc["benchmarks"]:
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("benchmarks"), dict)
+        or not doc["benchmarks"]
+    ):
         raise SamplesError(f"{source}: expected an object with a non-empty 'benchmarks' mapping")
     out = {}
     for name, items in doc["benchmarks"].items():

@@ -47,7 +47,9 @@ _LATEX_FIRST = [
 _EXPR_ONLY = [ExprExtractionConfig()]
 
 _SCI = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?)\s*[eE]\s*([+-]?\d+)\s*$")
-_PY_PREFIX = re.compile(r"\b(?:np|numpy|math|sympy|sp)\.(?:(arcsin|arccos|arctan|sin|cos|tan|log|exp|pi)\b)?")
+_PY_PREFIX = re.compile(
+    r"\b(?:np|numpy|math|sympy|sp)\.(?:(arcsin|arccos|arctan|sin|cos|tan|log|exp|pi)\b)?"
+)
 _GROUPED_IN_BRACES = re.compile(r"(?<=\{)\d{1,3}(?:,(?:\\!)?\d{3})+(?=\})")
 _TEXT_UNIT = re.compile(
     r"(?<=\S)\s*(?:\\[,;: !]\s*)*\\(?:text|mbox|mathrm)\s*\{\s*[A-Za-z][A-Za-z.\s]*\}"

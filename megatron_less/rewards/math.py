@@ -90,7 +90,9 @@ def judge_timed(
     return result
 
 
-def compute_score(response: str, ground_truth: str, timeout: float = DEFAULT_TIMEOUT) -> ScoreResult:
+def compute_score(
+    response: str, ground_truth: str, timeout: float = DEFAULT_TIMEOUT
+) -> ScoreResult:
     """Score one response against its reference answer, within ``timeout`` seconds."""
     check_timeout(timeout)
     early = prejudge(response, ground_truth)
@@ -123,7 +125,11 @@ def score_batch(
         out = []
         for r, g in zip(responses, ground_truths):
             early = prejudge(r, g, shortcuts)
-            out.append(early if isinstance(early, ScoreResult) else judge_timed(early, g, timeout, shortcuts))
+            out.append(
+                early
+                if isinstance(early, ScoreResult)
+                else judge_timed(early, g, timeout, shortcuts)
+            )
         return out
     from megatron_less.rewards.pool import shared_pool
 

@@ -144,7 +144,11 @@ class VerifierPool:
                     # the item at the head of the queue.
                     while w in self._workers and w.results.poll() and (w.pending or not w.ready):
                         self._receive(w, extracted, results, chunks, limit)
-                    if w in self._workers and (w.pending or not w.ready) and time.monotonic() > w.deadline:
+                    if (
+                        w in self._workers
+                        and (w.pending or not w.ready)
+                        and time.monotonic() > w.deadline
+                    ):
                         self._lost(w, extracted, results, chunks, "timeout")
 
     def _receive(self, w: _Worker, extracted, results, chunks, limit: float) -> None:

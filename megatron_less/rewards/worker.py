@@ -3,9 +3,10 @@
 Started by ``rewards.pool`` as a plain subprocess rather than through multiprocessing, so it
 never re-imports the trainer's ``__main__`` (torch, CUDA) and starts in about half a second.
 
-Protocol (pickled over pipes): the worker sends ``"ready"``; then for each task list
-``((timeout, shortcuts), [(idx, extracted, reference), ...])`` it sends one ``(idx, score, reason)`` per item
-as soon as that item is done, which is how the parent knows which item a hung worker was on.
+Protocol (pickled over pipes): the worker sends ``"ready"``; then for each task
+``((timeout, shortcuts), [(idx, extracted, reference), ...])`` it sends one
+``(idx, score, reason)`` per item as soon as that item is done, which is how the parent knows
+which item a hung worker was on.
 ``None`` asks it to exit; so does the parent closing the pipe.
 """
 
