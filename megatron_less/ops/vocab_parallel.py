@@ -183,8 +183,14 @@ def _run(fused, fused_fn, eager_fn, eager_args, fused_args, chunk):
             fn, n = _fused(fused_fn), fused_args[0].shape[0]
             if chunk >= n:
                 return fn(*fused_args)
-            rows = lambda s: [v if v is fused_args[-1] else v[s : s + chunk] for v in fused_args]  # noqa: E731
-            return torch.cat([fn(*rows(s)) for s in range(0, n, chunk)])
+            out = None
+            for s in range(0, n, chunk):  # into one output: torch.cat would hold it twice
+                part = fn(*[v if v is fused_args[-1] else v[s : s + chunk] for v in fused_args])
+                if out is None:
+                    out = part.new_empty((n, *part.shape[1:]))
+                out[s : s + part.shape[0]] = part
+                del part  # else two chunks are alive while the next one is computed
+            return out
         except Exception as exc:  # noqa: BLE001 - inductor raises many kinds
             if fused:
                 raise
