@@ -159,7 +159,7 @@ def main():
           f"({args.vocab // 2} per rank), {args.dtype}; per rank: logits shard "
           f"{shard * (2 if args.dtype == 'bfloat16' else 4) / mib:.0f} MiB, "
           f"one fp32 [T, V/TP] = {shard * 4 / mib:.0f} MiB")
-    labels = {"a": "(a) fused vocab-parallel op", "b": "(b) gather + full log_softmax",
+    labels = {"a": "(a) this op (eager kernels)", "b": "(b) gather + full log_softmax",
               "c": "(c) megatron CE + separate entropy"}
     grad = shard * (2 if args.dtype == "bfloat16" else 4)
     print(f"{'method':36s} {'fwd+bwd s':>10s} {'x(a)':>6s} {'tensor peak MiB':>16s} {'x(a)':>6s} "
