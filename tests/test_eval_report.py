@@ -156,7 +156,7 @@ def test_bad_json_and_no_engine(tmp_path, capsys):
     assert main(["--samples", str(src)]) == 2
     assert "s.json:2: bad JSON" in capsys.readouterr().err
     assert main([]) == 2
-    assert "no generation engine" in capsys.readouterr().err
+    assert "nothing to evaluate" in capsys.readouterr().err
 
 
 def test_evaluate_with_a_generate_callable(data_dir, tmp_path, capsys):

@@ -11,6 +11,7 @@ The generation engine is passed in as a callable so that this module needs no mo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -128,11 +129,25 @@ def save_report(report: dict, out_dir: str | Path, plot: bool = True) -> dict[st
     return paths
 
 
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="megatron-less eval", description="Score math benchmark responses."
     )
     ap.add_argument("--samples", help="saved samples JSON to score (no generation)")
+    ap.add_argument("--model", help="HF folder or megatron-less checkpoint to generate with")
+    ap.add_argument("--engine", choices=["auto", "vllm", "builtin"], default="auto",
+                    help="rollout engine (auto: vLLM when installed)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size of the policy")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the policy")
+    ap.add_argument("--rollout-tp", type=int, default=1, help="vLLM tensor parallel size")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if _on_gpu() else "fp32")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--benchmarks",
         help="comma-separated names (default: all in --samples, else the six benchmarks)",
@@ -155,9 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, generate_fn: GenerateFn | None = None) -> int:
-    """``megatron-less eval``. A model-backed ``generate_fn`` is supplied by the CLI once a
-    rollout engine exists; without one only ``--samples`` mode is available."""
+    """``megatron-less eval``: score ``--samples``, or generate with ``--model`` (or a given
+    ``generate_fn``) and score."""
     args = build_parser().parse_args(argv)
+    if args.samples and args.model:
+        print("error: pass either --samples or --model, not both", file=sys.stderr)
+        return 2
+    if args.model and generate_fn is None:
+        import torch
+
+        from megatron_less.eval.generate import model_generate_fn
+
+        try:
+            generate_fn = model_generate_fn(
+                args.model, args.tokenizer, engine=args.engine, tp=args.tp, pp=args.pp,
+                rollout_tp=args.rollout_tp, seed=args.seed,
+                dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+            )
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     ks = [int(k) for k in args.ks.split(",")] if args.ks else None
     score_kwargs = dict(
         ks=ks, num_workers=args.num_workers, timeout=args.timeout, bootstrap=not args.no_bootstrap
@@ -177,10 +209,12 @@ def main(argv: list[str] | None = None, generate_fn: GenerateFn | None = None) -
             report = score_document(doc, **score_kwargs)
         elif generate_fn is not None:
             tokenizer = None
-            if args.tokenizer:
+            tok_path = args.tokenizer or (args.model if args.model and not os.path.exists(
+                os.path.join(args.model, "megatron_less.json")) else None)
+            if tok_path:
                 from megatron_less.data.tokenizer import load_tokenizer
 
-                tokenizer = load_tokenizer(args.tokenizer)
+                tokenizer = load_tokenizer(tok_path)
             report = evaluate(
                 generate_fn,
                 chosen or DEFAULT_BENCHMARKS,
@@ -195,7 +229,7 @@ def main(argv: list[str] | None = None, generate_fn: GenerateFn | None = None) -
                 **score_kwargs,
             )
         else:
-            print("error: no generation engine is available; pass --samples FILE", file=sys.stderr)
+            print("error: nothing to evaluate; pass --model DIR or --samples FILE", file=sys.stderr)
             return 2
     except (SamplesError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

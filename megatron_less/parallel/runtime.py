@@ -51,6 +51,11 @@ def initialize(
     cpu_compat.apply()
 
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+            # a plain single-process run: any free port, so concurrent runs cannot collide
+            from megatron_less.parallel.spawn import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")

@@ -1,0 +1,92 @@
+"""A text-in, text-out ``generate_fn`` for evaluation, backed by a model on disk and a rollout
+engine (vLLM when installed, else the built-in Megatron sampler)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def _is_megatron_checkpoint(path: Path) -> bool:
+    return (path / "megatron_less.json").exists()
+
+
+def _stop_ids(tokenizer, model_dir: Path) -> tuple[int, ...]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return tuple(sorted(ids))
+
+
+def model_generate_fn(
+    model: str | os.PathLike,
+    tokenizer=None,
+    *,
+    engine: str = "auto",
+    tp: int = 1,
+    pp: int = 1,
+    rollout_tp: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """Build the policy from an HF folder or a megatron-less checkpoint and return
+    ``generate(prompts, n, temperature, top_p, max_tokens) -> list[list[str]]``.
+
+    Collective under torchrun: every rank calls it and gets all responses."""
+    from megatron_less import checkpoint, convert
+    from megatron_less.data.tokenizer import load_tokenizer
+    from megatron_less.models.qwen2 import Qwen2Arch
+    from megatron_less.parallel import runtime
+    from megatron_less.rollout.base import SamplingParams
+    from megatron_less.trainer.model_setup import build_policy
+
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {path} is not a folder (HF checkpoint or megatron-less checkpoint)")
+    is_ckpt = _is_megatron_checkpoint(path)
+    arch = checkpoint.checkpoint_arch(path) if is_ckpt else Qwen2Arch.from_hf(path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    stop = _stop_ids(tokenizer, path)
+
+    runtime.initialize(tp, pp, seed=seed)
+    policy = build_policy(arch, tp=tp, pp=pp, params_dtype=dtype)
+    if is_ckpt:
+        checkpoint.load_checkpoint(policy.module, path, arch)
+    else:
+        convert.load_hf_checkpoint(policy.module, path, arch)
+
+    if engine == "auto":
+        engine = "vllm" if importlib.util.find_spec("vllm") else "builtin"
+    if engine == "vllm":
+        from megatron_less.rollout.vllm_engine import VLLMEngine
+
+        rollout = VLLMEngine(arch, rollout_tp=rollout_tp, seed=seed,
+                             dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float16"))
+        rollout.sync_weights(policy.module)
+    elif engine == "builtin":
+        from megatron_less.rollout.builtin import BuiltinSampler
+
+        rollout = BuiltinSampler(policy.model, arch)
+    else:
+        raise ValueError(f"engine must be 'auto', 'vllm' or 'builtin', got {engine!r}")
+
+    def generate(prompts, n, temperature, top_p, max_tokens):
+        ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                seed=seed, stop_token_ids=stop)
+        out = rollout.generate(ids, n, params)
+        return [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in out]
+
+    generate.engine = rollout
+    return generate
