@@ -134,9 +134,9 @@ def _bench(tokens, vocab, dtype_name, repeats):
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             times.append(elapsed.item())
         gc.collect()
-        tensor_peak, _ = peak_tensor_bytes(lambda: step(name))
+        tensor_peak, _ = peak_tensor_bytes(lambda name=name: step(name))
         gc.collect()
-        rss_peak, _ = peak_rss_bytes(lambda: step(name))
+        rss_peak, _ = peak_rss_bytes(lambda name=name: step(name))
         res[name] = dict(time=min(times), times=times, tensor_peak=tensor_peak, rss_peak=rss_peak,
                          lp=lp, h=h, grad_sample=grad[:64].float().clone())
     runtime.destroy()

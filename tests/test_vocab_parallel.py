@@ -68,7 +68,7 @@ def _job():
             before = _bits(x)
             kw = dict(tp_group=groups[tp], temperature=temp, chunk_size=chunk)
 
-            def grad_of(loss_fn, **extra):
+            def grad_of(loss_fn, x=x, t=t, kw=kw, **extra):
                 xx = x.detach().clone().requires_grad_()
                 lp, h = op(xx, t, **kw, **extra)
                 calls["n"] = 0
@@ -82,9 +82,10 @@ def _job():
             calls["n"] = 0
             (lp * gl + h * gh).sum().backward()
             bwd_calls = calls["n"]
-            g_noent, _, h_noent, _ = grad_of(lambda lp, h: (lp * gl + h * gh).sum(), entropy_grad=False)
-            g_lponly, lp_only, h_none, _ = grad_of(lambda lp, h: (lp * gl).sum(), with_entropy=False)
-            g_entonly = grad_of(lambda lp, h: (h * gh).sum())[0]
+            both = lambda lp, h, gl=gl, gh=gh: (lp * gl + h * gh).sum()
+            g_noent, _, h_noent, _ = grad_of(both, entropy_grad=False)
+            g_lponly, lp_only, h_none, _ = grad_of(lambda lp, h, gl=gl: (lp * gl).sum(), with_entropy=False)
+            g_entonly = grad_of(lambda lp, h, gh=gh: (h * gh).sum())[0]
             out[(name, tp)] = dict(
                 lp=lp.detach(), h=h.detach(), grad=xx.grad, grad_noent=g_noent, grad_lponly=g_lponly,
                 grad_entonly=g_entonly, noent_detached=not h_noent.requires_grad,
@@ -124,9 +125,9 @@ def refs():
         lp, h = _reference(x, t, temp)
         out[name] = dict(
             lp=lp, h=h,
-            grad=_ref_grad(x, t, temp, lambda lp, h: (lp * gl + h * gh).sum()),
-            grad_lponly=_ref_grad(x, t, temp, lambda lp, h: (lp * gl).sum()),
-            grad_entonly=_ref_grad(x, t, temp, lambda lp, h: (h * gh).sum()),
+            grad=_ref_grad(x, t, temp, lambda lp, h, gl=gl, gh=gh: (lp * gl + h * gh).sum()),
+            grad_lponly=_ref_grad(x, t, temp, lambda lp, h, gl=gl: (lp * gl).sum()),
+            grad_entonly=_ref_grad(x, t, temp, lambda lp, h, gh=gh: (h * gh).sum()),
         )
     return out
 

@@ -11,9 +11,8 @@ high-water mark (VmHWM, reset through /proc/self/clear_refs) minus RSS at the st
 from __future__ import annotations
 
 import ctypes
-from typing import Callable
+from collections.abc import Callable
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 

@@ -191,7 +191,7 @@ def _run(fused, fused_fn, eager_fn, eager_args, fused_args, chunk):
                 out[s : s + part.shape[0]] = part
                 del part  # else two chunks are alive while the next one is computed
             return out
-        except Exception as exc:  # noqa: BLE001 - inductor raises many kinds
+        except Exception as exc:  # inductor raises many kinds
             if fused:
                 raise
             _compiled["broken"] = True
@@ -203,7 +203,7 @@ class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad, fused):
         ctx.set_materialize_grads(False)
-        n, vr = x.shape
+        vr = x.shape[-1]
         tp, rank = _group_info(group)
         tgt, owned = _local_target(target, rank, vr)
         stats = _run(fused, _stats_fused, _stats_eager,

@@ -128,7 +128,7 @@ def bench(dev, tokens, vocab, runs, repeats=3):
             else:  # torch's CPU allocator events, replayed (see megatron_less/ops/memory.py)
                 from megatron_less.ops.memory import peak_tensor_bytes
 
-                peak = peak_tensor_bytes(lambda: fn(x, t, g1, g2))[0] / 2**20
+                peak = peak_tensor_bytes(lambda fn=fn: fn(x, t, g1, g2))[0] / 2**20
             first = time.perf_counter() - t0
             times = []
             for _ in range(repeats):
