@@ -56,6 +56,7 @@ def iter_all_hf_tensors(model, arch: qwen2.Qwen2Arch) -> Iterator[tuple[str, tor
     mine = [(n, tuple(t.shape), t.dtype) for n, t in _stage_meta(model, arch)]
     metas: list = [None] * pp
     dist.all_gather_object(metas, mine, group=group)
+    device = next(model.parameters()).device  # nccl moves GPU tensors only
     for stage in range(pp):
         source = iter_hf_tensors(model, arch) if stage == me else None
         for name, shape, dtype in metas[stage]:
@@ -63,7 +64,7 @@ def iter_all_hf_tensors(model, arch: qwen2.Qwen2Arch) -> Iterator[tuple[str, tor
                 _, t = next(source)
                 t = t.contiguous()
             else:
-                t = torch.empty(shape, dtype=dtype)
+                t = torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(t, ranks[stage], group=group)
             yield name, t
 

@@ -50,20 +50,24 @@ class BuiltinSampler(RolloutEngine):
             done = {k: v for part in parts for k, v in part.items()}
         return [[done[(i, j)] for j in range(n)] for i in range(len(prompts))]
 
+    def _device(self) -> torch.device:
+        return next(self.model[0].parameters()).device
+
     def _full_logits(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor | None:
         """Next-token logits [B, V] at positions ``last`` (real vocabulary only)."""
         from megatron.core import parallel_state as ps
 
-        logits = forward_logits(self.model, tokens)
+        logits = forward_logits(self.model, tokens.to(self._device()))
         if logits is None:
             return None
-        rows = logits[torch.arange(tokens.shape[0]), last].float()
+        idx = torch.arange(tokens.shape[0], device=logits.device)
+        rows = logits[idx, last.to(logits.device)].float()
         tp = ps.get_tensor_model_parallel_world_size()
         if tp > 1:
             shards = [torch.empty_like(rows) for _ in range(tp)]
             dist.all_gather(shards, rows.contiguous(), group=ps.get_tensor_model_parallel_group())
             rows = torch.cat(shards, dim=-1)
-        return rows[:, : self.arch.vocab_size]  # padded vocabulary rows are not tokens
+        return rows[:, : self.arch.vocab_size].cpu()  # padded vocabulary rows are not tokens
 
     def _generate_batch(self, prompts, keys, params: SamplingParams) -> list[Response]:
         from megatron.core import parallel_state as ps
@@ -94,9 +98,9 @@ class BuiltinSampler(RolloutEngine):
                     if not finished[k]:
                         picked[k], logps[k] = sample_next(logits[k], params, gens[k])
             if ps.get_pipeline_model_parallel_world_size() > 1:
-                both = torch.stack([picked.float(), logps])
+                both = torch.stack([picked.float(), logps]).to(self._device())  # nccl: on GPU
                 dist.broadcast(both, ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
-                picked, logps = both[0].long(), both[1]
+                picked, logps = both[0].long().cpu(), both[1].cpu()
             for k in range(b):
                 if finished[k]:
                     continue
