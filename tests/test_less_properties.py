@@ -12,9 +12,20 @@ try:
     from tests import less_oracle
 except ImportError:  # tests/ run as a plain directory
     import less_oracle
-from megatron_less.algos import span_match
+from megatron_less.algos import less, span_match
 from megatron_less.algos.advantages import grpo_advantages
 from megatron_less.algos.less import less_token_weights
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def backend(request, monkeypatch):
+    """Every test runs on both implementations: the numba kernels and the numpy fallback."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setattr(less, "BACKEND", request.param)
+    assert less.backend() == request.param
+    return request.param
+
 
 ENTROPY_LEVELS = np.array([0.05, 0.1, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0], dtype=np.float32)
 

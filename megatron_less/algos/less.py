@@ -32,6 +32,9 @@ scratch arrays are kept between calls and `release_workspace()` frees them.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import torch
 
@@ -48,6 +51,37 @@ from .span_match import (
     verify_occurrences,
     workspace,
 )
+
+
+# Which implementation runs: "auto" (numba when importable, else numpy), "numba" or "numpy".
+BACKEND = os.environ.get("MLESS_LESS_BACKEND", "auto")
+_numba_module = None  # None: not tried yet; False: numba not importable
+
+
+def _compiled():
+    """The numba kernels module to use for this call, or None for the numpy implementation."""
+    global _numba_module
+    if BACKEND not in ("auto", "numba", "numpy"):
+        raise ValueError(f"MLESS_LESS_BACKEND / less.BACKEND must be auto, numba or numpy; got {BACKEND!r}")
+    if BACKEND == "numpy" or sys.byteorder != "little":  # the kernel reads float bits as little-endian words
+        return None
+    if _numba_module is None:
+        try:
+            from . import _less_numba
+
+            _numba_module = _less_numba
+        except ImportError:
+            _numba_module = False
+    if not _numba_module:
+        if BACKEND == "numba":
+            raise ImportError("LESS backend 'numba' requested but numba is not importable (pip install numba)")
+        return None
+    return _numba_module
+
+
+def backend() -> str:
+    """'numba' or 'numpy': the implementation less_token_weights uses now."""
+    return "numpy" if _compiled() is None else "numba"
 
 
 def _dedup(packed, starts, lengths, groups, full_hash) -> np.ndarray:
@@ -144,10 +178,58 @@ def less_token_weights(
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     arrays = _to_numpy(token_ids, entropy, response_mask, correct, group_index)
+    nb = _compiled()
     with sm.lock:
-        weights, stats = _less(*arrays, mu, quantile, return_stats)
+        if nb is not None:
+            weights, stats = _less_compiled(nb, *arrays, mu, quantile, return_stats)
+        else:
+            weights, stats = _less(*arrays, mu, quantile, return_stats)
     w = torch.from_numpy(weights)
     return (w, stats) if return_stats else w
+
+
+def _less_compiled(nb, tok, ent, mask, corr, gid, mu, quantile, want_stats):
+    """The rule through the numba kernel (_less_numba.py)."""
+    b, t = tok.shape
+    n_groups = int(gid.max()) + 1 if b else 0
+    weights = np.empty((b, t), dtype=np.float32)
+    row_i = np.empty((b, 4), dtype=np.int64)  # length, high tokens, covered, shared
+    row_f = np.empty((b, 2), dtype=np.float64)  # (unused), weight of the covered tokens
+    glob = np.empty(4, dtype=np.int64)  # segment tokens, clusters per kind
+    status = nb.less_kernel(
+        tok.reshape(-1),
+        ent.reshape(-1).view(np.uint32),
+        ent.dtype.itemsize // 4,
+        mask.reshape(-1).view(np.uint8),
+        corr,
+        gid,
+        n_groups,
+        int(mu),
+        float(quantile),
+        np.uint64(sm._BASE % (1 << 64)),
+        weights.reshape(-1),
+        row_i,
+        row_f,
+        glob,
+    )
+    if status:
+        raise ValueError("response_mask must be left-aligned (valid tokens first, then padding)")
+    if not want_stats:
+        return weights, None
+    lengths = row_i[:, 0]
+    n_c = np.bincount(gid, weights=corr, minlength=n_groups)
+    n_w = np.bincount(gid, minlength=n_groups) - n_c
+    shaped = (n_c[gid] > 0) & (n_w[gid] > 0)
+    with np.errstate(divide="ignore"):
+        default = np.where(shaped, np.where(corr, 1.0 / n_c[gid], 1.0 / n_w[gid]), 1.0).astype(np.float32)
+    n_high, covered, w_covered = row_i[:, 1], row_i[:, 2], row_f[:, 1]
+    # Valid tokens weigh 1 (high), their response's default (low, uncovered) or the covering
+    # cluster's weight, and covered tokens are segment tokens, which are low.
+    w_sum = n_high + (lengths - n_high - covered) * default.astype(np.float64) + w_covered
+    return weights, _stats_dict(
+        lengths, shaped, corr, default, gid, n_high, covered, row_i[:, 3], w_sum, w_covered,
+        int(glob[0]), glob[1:].tolist(),
+    )
 
 
 def _less(tok, ent, mask, corr, gid, mu, quantile, want_stats):
@@ -327,19 +409,34 @@ def _cover(tok2d, gid, corr, n_c, n_w, seg_f, seg_len, mu, w_flat, cls):
 
 
 def _stats(weights, high, lengths, shaped, corr, default, seg_len, gid, kinds, cls):
-    """Diagnostics (floats). Token fractions and mean weights are over the groups LESS shapes
-    (N_c > 0 and N_w > 0); clusters are counted once per distinct (group, token sequence)."""
+    """Per-row counts of the numpy path, turned into the stats dict by `_stats_dict`."""
     b, t = weights.shape
     rows = shaped & (lengths > 0)
-    n_tok = float(lengths[rows].sum())
     n_high = np.where(rows, np.count_nonzero(high, axis=1), 0)
-    n_low = np.where(rows, lengths - n_high, 0)
     cls = cls.reshape(b, t)
     covered = np.count_nonzero(cls, axis=1)
     shared = (cls.sum(axis=1, dtype=np.int64) - covered) // 2  # classes are 1 (weighted) and 3 (shared)
+    w_covered = np.add.reduce(weights, axis=1, dtype=np.float64, where=cls != 0)
+    kind_counts = [int((kinds == k).sum()) for k in (1, 2, 3)]
+    w_sum = weights.sum(axis=1, dtype=np.float64)
+    return _stats_dict(
+        lengths, shaped, corr, default, gid, n_high, covered, shared, w_sum, w_covered, int(seg_len.sum()), kind_counts
+    )
+
+
+def _stats_dict(lengths, shaped, corr, default, gid, n_high, covered, shared, w_sum, w_covered, seg_tokens, kind_counts):
+    """Diagnostics (floats). Token fractions and mean weights are over the groups LESS shapes
+    (N_c > 0 and N_w > 0); clusters are counted once per distinct (group, token sequence).
+
+    Per row: n_high high-entropy tokens, covered tokens (by any cluster), shared (neutralised) ones
+    among them, w_sum the sum of the row's weights, w_covered that of its covered tokens."""
+    b = lengths.size
+    rows = shaped & (lengths > 0)
+    n_tok = float(lengths[rows].sum())
+    n_high = np.where(rows, n_high, 0)
+    n_low = np.where(rows, lengths - n_high, 0)
     weighted = covered - shared
     # Shared tokens weigh 0, so the covered tokens' weight is the weighted ones'.
-    w_covered = np.add.reduce(weights, axis=1, dtype=np.float64, where=cls != 0)
     uncovered_low = n_low - covered
     ratio = lambda num, den: float(num) / float(den) if den else 0.0
     return {
@@ -348,14 +445,14 @@ def _stats(weights, high, lengths, shaped, corr, default, seg_len, gid, kinds, c
         "tokens_shaped": n_tok,
         "frac_high_entropy": ratio(n_high.sum(), n_tok),
         "frac_low_entropy": ratio(n_low.sum(), n_tok),
-        "frac_in_segment": ratio(seg_len.sum(), n_tok),
-        "clusters_correct_only": float((kinds == 1).sum()),
-        "clusters_incorrect_only": float((kinds == 2).sum()),
-        "clusters_shared": float((kinds == 3).sum()),
+        "frac_in_segment": ratio(seg_tokens, n_tok),
+        "clusters_correct_only": float(kind_counts[0]),
+        "clusters_incorrect_only": float(kind_counts[1]),
+        "clusters_shared": float(kind_counts[2]),
         "frac_tokens_correct_only": ratio(weighted[corr].sum(), n_tok),
         "frac_tokens_incorrect_only": ratio(weighted[~corr].sum(), n_tok),
         "frac_tokens_shared": ratio(shared.sum(), n_tok),
-        "mean_weight": ratio(weights.sum(axis=1, dtype=np.float64)[rows].sum(), n_tok),
+        "mean_weight": ratio(w_sum[rows].sum(), n_tok),
         "mean_weight_default": ratio((uncovered_low * default.astype(np.float64)).sum(), uncovered_low.sum()),
         "mean_weight_correct_only": ratio(w_covered[corr].sum(), weighted[corr].sum()),
         "mean_weight_incorrect_only": ratio(w_covered[~corr].sum(), weighted[~corr].sum()),

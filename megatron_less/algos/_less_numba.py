@@ -1,0 +1,593 @@
+"""Compiled LESS (numba): the whole rule of less-spec.md in one pass over the batch, group by group.
+
+`less_kernel` is what less.py calls when numba is importable; the numpy implementation (less.py,
+span_match.py) stays as the fallback, and the tests run both against the brute-force oracle.
+
+Per group (its rows gathered by a counting sort of the group ids, so its data stays in cache):
+  1. per response: tau by radix selection on order-preserving integer keys of the entropies (the
+     key order is the float order, -0.0 folded onto +0.0, so every comparison is exact), default
+     and high weights, and the segments (maximal runs with H < tau, length >= mu);
+  2. polynomial prefix hashes (mod 2**64) of every segment, so any window's hash is O(1);
+  3. identical segments merged into distinct keys (hash table on (full hash, length), equality
+     confirmed token by token); the first copy of each is its host;
+  4. every mu-token window of every host looked up in a table of key heads; the keys sharing a
+     head are chained by increasing length, so only keys that fit are tried; a full-length hash
+     drops wrong candidates in O(1) and every remaining (key, position) pair is confirmed by
+     comparing token ids (overlapping occurrences in periodic text are chained: K at p and at
+     p + d < p + |K| share all but d tokens, so K's period d is checked once and d tokens per
+     step). Hashes only propose: no weight depends on a hash value. What holds in a host holds in
+     every copy, so copies are not scanned;
+  5. carriers as bit sets over the group's responses (a host's copies' rows, OR-ed into every key
+     found in it), cluster kinds and weights;
+  6. one sweep per host over its occurrences (already in position order) gives each token its
+     covering clusters' verdict (0 if any shared, else the largest weight), written into every
+     copy of the host.
+
+Cost: linear in the batch plus the number of confirmed (key, occurrence) pairs; scratch memory is
+sized by the largest group and allocated per call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+def _jit(fn):
+    """njit with an on-disk cache when numba finds a writable cache directory (NUMBA_CACHE_DIR,
+    the package's __pycache__ or a user-wide one); without one it compiles in every process."""
+    try:
+        return njit(cache=True, error_model="numpy")(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(error_model="numpy")(fn)
+
+
+_SIGN32 = np.uint64(0x80000000)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_SIGN64 = np.uint64(0x8000000000000000)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_SALT = np.uint64(0xD6E8FEB86659FD93)
+_ZERO = np.uint64(0)
+_ONE = np.uint64(1)
+_S29 = np.uint64(29)
+_S31 = np.uint64(31)
+_S32 = np.uint64(32)
+_B1 = np.uint64(0x5555555555555555)
+_B2 = np.uint64(0x3333333333333333)
+_B4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+_DIGIT = 11  # bits per radix-selection pass
+
+
+@_jit
+def _key(ebits, i, wpt):
+    """Order-preserving unsigned key of entropy i (float32: one uint32 word, float64: two)."""
+    if wpt == 1:
+        u = np.uint64(ebits[i])
+        if u == _SIGN32:
+            u = _ZERO
+        if u & _SIGN32:
+            return (~u) & _LOW32
+        return u | _SIGN32
+    u = (np.uint64(ebits[2 * i + 1]) << _S32) | np.uint64(ebits[2 * i])
+    if u == _SIGN64:
+        u = _ZERO
+    if u & _SIGN64:
+        return ~u
+    return u | _SIGN64
+
+
+@_jit
+def _select(kb, n, k, cb, hist, nbits):
+    """k-th smallest (0-based) of kb[:n] by most-significant-digit radix selection: 11 bits a pass,
+    keeping the candidates of the digit that holds rank k; a few candidates are sorted instead."""
+    src = kb
+    m = n
+    shift = nbits
+    while shift > 0:
+        if m <= 32:
+            for i in range(m):  # insertion sort of the last candidates
+                v = src[i]
+                j = i
+                while j > 0 and cb[j - 1] > v:
+                    cb[j] = cb[j - 1]
+                    j -= 1
+                cb[j] = v
+            return cb[k]
+        w = _DIGIT if shift >= _DIGIT else shift
+        shift -= w
+        sh = np.uint64(shift)
+        mask = np.uint64((1 << w) - 1)
+        nb = 1 << w
+        hist[:nb] = 0
+        for i in range(m):
+            hist[np.int64((src[i] >> sh) & mask)] += 1
+        if 2 * k < m:  # find the digit from the nearer end
+            b = 0
+            while hist[b] <= k:
+                k -= hist[b]
+                b += 1
+        else:
+            kr = m - 1 - k
+            b = nb - 1
+            while hist[b] <= kr:
+                kr -= hist[b]
+                b -= 1
+            k = hist[b] - 1 - kr
+        if hist[b] == m:
+            continue
+        ub = np.uint64(b)
+        j = 0
+        for i in range(m):
+            v = src[i]
+            if ((v >> sh) & mask) == ub:
+                cb[j] = v
+                j += 1
+        src = cb
+        m = j
+    return src[0]
+
+
+@_jit
+def _mix(t):
+    x = np.uint64(t)
+    x ^= x >> _S31
+    x *= _M1
+    x ^= x >> _S29
+    return x
+
+
+@_jit
+def _equal(tok, a, b, n):
+    if a == b:
+        return True
+    for i in range(n):
+        if tok[a + i] != tok[b + i]:
+            return False
+    return True
+
+
+@_jit
+def _popcount(x):
+    x = x - ((x >> _ONE) & _B1)
+    x = (x & _B2) + ((x >> np.uint64(2)) & _B2)
+    x = (x + (x >> np.uint64(4))) & _B4
+    return np.int64((x * _H01) >> np.uint64(56))
+
+
+@_jit
+def _table_bits(n):
+    bits = 4
+    while (1 << bits) < 2 * n:
+        bits += 1
+    return bits
+
+
+# Fields of the per-group tables seg[field, s] (segments) and key[field, k] (distinct segments).
+S_ROW, S_FLAT, S_LEN, S_TOFF, S_KEY = range(5)
+K_SEG, K_LEN, K_NEXT, K_LSEG, K_LPOS, K_PERD, K_PEROK, K_CP0, K_CP1, K_CARR, K_KIND = range(11)
+# K_SEG: the host (first copy); K_NEXT: next key with the same head, longer; K_LSEG, K_LPOS: last
+# confirmed occurrence; K_PERD, K_PEROK: last period tested and its outcome; copies of the key are
+# copies[K_CP0:K_CP1]; K_CARR: carriers; K_KIND: 0 no cluster, 1 correct-only, 2 incorrect-only,
+# 3 shared.
+
+
+@_jit
+def _response(ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, weights, seg, nseg, ntok):
+    """Steps 1-4 for one response (flat offset o, length ln >= 1): weights of its valid tokens and
+    its segments appended to seg. Returns (nseg, ntok, high-entropy tokens)."""
+    for c in range(ln):
+        kb[c] = _key(ebits, o + c, wpt)
+    k = min(np.int64(np.rint(quantile * np.float64(ln))), ln - 1)
+    tau = _select(kb, ln, k, cb, hist, 32 * wpt)
+    one = np.float32(1.0)
+    nh = 0
+    run = -1
+    for c in range(ln):
+        x = kb[c]
+        high = x > tau
+        weights[o + c] = one if high else d
+        nh += high
+        if x < tau:
+            if run < 0:
+                run = c
+        elif run >= 0:
+            if c - run >= mu:
+                seg[S_ROW, nseg] = r
+                seg[S_FLAT, nseg] = o + run
+                seg[S_LEN, nseg] = c - run
+                seg[S_TOFF, nseg] = ntok
+                ntok += c - run
+                nseg += 1
+            run = -1
+    if run >= 0 and ln - run >= mu:
+        seg[S_ROW, nseg] = r
+        seg[S_FLAT, nseg] = o + run
+        seg[S_LEN, nseg] = ln - run
+        seg[S_TOFF, nseg] = ntok
+        ntok += ln - run
+        nseg += 1
+    return nseg, ntok, nh
+
+
+@_jit
+def _keys(tok, base, mu, seg, nseg, hp, pw, tbits, dtab, h_hash, h_first, key, key_full, len_cnt, by_len):
+    """Prefix hashes of the segments (segment s's at hp[toff + s:]), distinct keys (equal segments
+    merged after a token-by-token check; the first copy is the host) and the head table (keys of
+    one mu-gram hash chained by increasing length). Returns the number of keys."""
+    for s in range(nseg):
+        p = seg[S_TOFF, s] + s
+        f = seg[S_FLAT, s]
+        h = _ZERO
+        hp[p] = h
+        for j in range(seg[S_LEN, s]):
+            h = h * base + _mix(tok[f + j])
+            hp[p + j + 1] = h
+    tmask = (1 << tbits) - 1
+    tshift = np.uint64(64 - tbits)
+    for i in range(1 << tbits):
+        dtab[i] = -1
+        h_first[i] = -1
+    nk = 0
+    for s in range(nseg):
+        ln = seg[S_LEN, s]
+        full = hp[seg[S_TOFF, s] + s + ln]
+        slot = np.int64(((full ^ (np.uint64(ln) * _SALT)) * _M2) >> tshift)
+        while True:
+            kk = dtab[slot]
+            if kk < 0:
+                dtab[slot] = nk
+                key[K_SEG, nk] = s
+                key[K_LEN, nk] = ln
+                key_full[nk] = full
+                seg[S_KEY, s] = nk
+                nk += 1
+                break
+            if (
+                key[K_LEN, kk] == ln
+                and key_full[kk] == full
+                and _equal(tok, seg[S_FLAT, key[K_SEG, kk]], seg[S_FLAT, s], ln)
+            ):
+                seg[S_KEY, s] = kk
+                break
+            slot = (slot + 1) & tmask
+    # Insert keys longest first (counting sort on length), each at the front of its head's chain.
+    max_len = 0
+    for kk in range(nk):
+        max_len = max(max_len, key[K_LEN, kk])
+    len_cnt[: max_len + 2] = 0
+    for kk in range(nk):
+        len_cnt[key[K_LEN, kk]] += 1
+    for i in range(max_len, -1, -1):
+        len_cnt[i] += len_cnt[i + 1]  # keys at least this long
+    for kk in range(nk):
+        len_cnt[key[K_LEN, kk]] -= 1
+        by_len[len_cnt[key[K_LEN, kk]]] = kk
+    for ii in range(nk):
+        kk = by_len[ii]
+        p = seg[S_TOFF, key[K_SEG, kk]] + key[K_SEG, kk]
+        head = hp[p + mu] - hp[p] * pw[mu]
+        slot = np.int64((head * _M2) >> tshift)
+        while h_first[slot] >= 0 and h_hash[slot] != head:
+            slot = (slot + 1) & tmask
+        if h_first[slot] < 0:
+            h_hash[slot] = head
+            key[K_NEXT, kk] = -1
+        else:
+            key[K_NEXT, kk] = h_first[slot]
+        h_first[slot] = kk
+    return nk
+
+
+@_jit
+def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full, occ):
+    """Step 5's search for one group: every occurrence occ[:, i] = (key, host, offset) of a key
+    inside a host (the first copy of each distinct segment: what holds there holds in every copy),
+    confirmed token by token, in (host, offset) order. Returns the number of occurrences; only the
+    first occ.shape[1] are stored (the caller retries with more room)."""
+    cap = occ.shape[1]
+    for kk in range(nk):
+        key[K_LSEG, kk] = -1
+        key[K_LPOS, kk] = 0
+        key[K_PERD, kk] = -1
+        key[K_PEROK, kk] = 0
+    tmask = (1 << tbits) - 1
+    tshift = np.uint64(64 - tbits)
+    pw_mu = pw[mu]
+    n_occ = 0
+    for s in range(nseg):
+        own = seg[S_KEY, s]
+        if key[K_SEG, own] != s:
+            continue  # a copy: its host is scanned
+        ln = seg[S_LEN, s]
+        p = seg[S_TOFF, s] + s
+        f = seg[S_FLAT, s]
+        for j in range(ln - mu + 1):
+            gh = hp[p + j + mu] - hp[p + j] * pw_mu
+            slot = np.int64((gh * _M2) >> tshift)
+            kk = h_first[slot]
+            while kk >= 0 and h_hash[slot] != gh:
+                slot = (slot + 1) & tmask
+                kk = h_first[slot]
+            room = ln - j
+            while kk >= 0:
+                kl = key[K_LEN, kk]
+                if kl > room:
+                    break
+                if hp[p + j + kl] - hp[p + j] * pw[kl] == key_full[kk]:
+                    kf = seg[S_FLAT, key[K_SEG, kk]]
+                    if j == 0 and own == kk:
+                        ok = True
+                    elif key[K_LSEG, kk] == s and j - key[K_LPOS, kk] < kl:
+                        # Chained: K occurs at j - dd (confirmed) with dd < |K|, so K occurs at j
+                        # iff K has period dd and the dd tokens after that occurrence continue K.
+                        dd = j - key[K_LPOS, kk]
+                        if key[K_PERD, kk] != dd:
+                            key[K_PERD, kk] = dd
+                            key[K_PEROK, kk] = _equal(tok, kf + dd, kf, kl - dd)
+                        ok = key[K_PEROK, kk] != 0 and _equal(tok, f + j + kl - dd, kf + kl - dd, dd)
+                    else:
+                        ok = _equal(tok, f + j, kf, kl)
+                    if ok:
+                        key[K_LSEG, kk] = s
+                        key[K_LPOS, kk] = j
+                        if n_occ < cap:
+                            occ[0, n_occ] = kk
+                            occ[1, n_occ] = s
+                            occ[2, n_occ] = j
+                        n_occ += 1
+                kk = key[K_NEXT, kk]
+    return n_occ
+
+
+@_jit
+def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copies, hmask, kmask, kw, glob):
+    """Step 5 for one group: each key's copies, carriers (the responses holding a copy of a host
+    where the key occurs: bit sets of `words` words over the group's responses, local[r] = bit of
+    row r, cmask = the correct ones), cluster kind and weight. Returns the number of clusters."""
+    # Copies of each key, host first: copies[K_CP0:K_CP1] (counting sort of the segments by key).
+    for kk in range(nk):
+        key[K_CP0, kk] = 0
+    for s in range(nseg):
+        key[K_CP0, seg[S_KEY, s]] += 1
+    at = 0
+    for kk in range(nk):
+        c = key[K_CP0, kk]
+        key[K_CP0, kk] = at
+        key[K_CP1, kk] = at
+        at += c
+    hmask[:nk, :words] = 0
+    for s in range(nseg):
+        kk = seg[S_KEY, s]
+        copies[key[K_CP1, kk]] = s
+        key[K_CP1, kk] += 1
+        bit = local[seg[S_ROW, s]]
+        hmask[kk, bit >> 6] |= _ONE << np.uint64(bit & 63)
+    kmask[:nk, :words] = 0
+    for i in range(n_occ):
+        kk = occ[0, i]
+        hk = seg[S_KEY, occ[1, i]]
+        for w in range(words):
+            kmask[kk, w] |= hmask[hk, w]
+    n_cl = 0
+    for kk in range(nk):
+        c = 0
+        cc = 0
+        for w in range(words):
+            c += _popcount(kmask[kk, w])
+            cc += _popcount(kmask[kk, w] & cmask[w])
+        kind = 0 if c < 2 else 1 if cc == c else 2 if cc == 0 else 3
+        key[K_KIND, kk] = kind
+        key[K_CARR, kk] = c
+        kw[kk] = np.float32(c / nc) if kind == 1 else np.float32(c / nw) if kind == 2 else np.float32(0.0)
+        if kind:
+            n_cl += 1
+            glob[kind] += 1
+    return n_cl
+
+
+@_jit
+def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, weights, row_i, row_f):
+    """Step 6 for one group, host by host: occurrences come sorted by (host, offset) from the
+    scan, so one sweep over the host's tokens finds each token's covering clusters: shared if a
+    shared occurrence reaches it, else the largest weight among the weighted occurrences reaching
+    it (kept as a short list of (weight, end) pairs, none dominated by another). The result is
+    written into every copy of the host."""
+    i = 0
+    while i < n_occ:
+        h = occ[1, i]
+        i2 = i
+        while i2 < n_occ and occ[1, i2] == h:
+            i2 += 1
+        hk = seg[S_KEY, h]
+        cp0, cp1 = key[K_CP0, hk], key[K_CP1, hk]
+        end_sh = 0
+        na = 0
+        n_cov = 0
+        n_sh = 0
+        w_cov = 0.0
+        ii = i
+        pos = occ[2, i]
+        while True:
+            while ii < i2 and occ[2, ii] == pos:
+                kk = occ[0, ii]
+                kind = key[K_KIND, kk]
+                e = pos + key[K_LEN, kk]
+                if kind == 3:
+                    end_sh = max(end_sh, e)
+                elif kind:
+                    w = kw[kk]
+                    dominated = False
+                    for q in range(na):
+                        if aw[q] >= w and ae[q] >= e:
+                            dominated = True
+                            break
+                    if not dominated:
+                        m = 0
+                        for q in range(na):
+                            if aw[q] > w or ae[q] > e:
+                                aw[m] = aw[q]
+                                ae[m] = ae[q]
+                                m += 1
+                        aw[m] = w
+                        ae[m] = e
+                        na = m + 1
+                ii += 1
+            # Token pos of the host.
+            m = 0
+            best = np.float32(-1.0)
+            for q in range(na):
+                if ae[q] > pos:
+                    aw[m] = aw[q]
+                    ae[m] = ae[q]
+                    m += 1
+                    best = max(best, aw[q])
+            na = m
+            if end_sh > pos:
+                n_cov += 1
+                n_sh += 1
+                for ci in range(cp0, cp1):
+                    weights[seg[S_FLAT, copies[ci]] + pos] = 0.0
+            elif na:
+                n_cov += 1
+                w_cov += best
+                for ci in range(cp0, cp1):
+                    weights[seg[S_FLAT, copies[ci]] + pos] = best
+            pos += 1
+            if end_sh <= pos and na == 0:  # nothing reaches further: on to the next start
+                if ii == i2:
+                    break
+                pos = occ[2, ii]
+        for ci in range(cp0, cp1):
+            r = seg[S_ROW, copies[ci]]
+            row_i[r, 2] += n_cov
+            row_i[r, 3] += n_sh
+            row_f[r, 1] += w_cov
+        i = i2
+
+
+@_jit
+def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, weights, row_i, row_f, glob):
+    """LESS weights of a [B, T] batch (flat arrays), written into weights (float32, B*T).
+
+    tok int64, ebits uint32 (wpt words per entropy: 1 float32, 2 float64), mask uint8 (0/1), corr
+    bool, gid int64 dense group ids < n_groups. Per-row diagnostics: row_i[r] = (length,
+    high-entropy tokens, covered tokens, shared ones), row_f[r, 1] = sum of the covered tokens'
+    weights; glob = (segment tokens, clusters correct-only, incorrect-only, shared).
+    Returns 0, or 1 if the mask is not left-aligned.
+    """
+    b = corr.size
+    t_len = mask.size // b if b else 0
+    # Lengths, and the left-alignment check: the row's count of valid tokens must all come first.
+    for r in range(b):
+        o = r * t_len
+        ln = 0
+        for c in range(t_len):
+            ln += mask[o + c]
+        first = 0
+        for c in range(ln):
+            first += mask[o + c]
+        if first != ln:
+            return 1
+        row_i[r, 0] = ln
+        row_i[r, 1] = 0
+        row_i[r, 2] = 0
+        row_i[r, 3] = 0
+        row_f[r, 0] = 0.0
+        row_f[r, 1] = 0.0
+    glob[:] = 0
+    # Rows of each group (counting sort, rows ascending within a group).
+    g_cnt = np.zeros(n_groups + 1, np.int64)
+    n_c = np.zeros(n_groups, np.int64)
+    for r in range(b):
+        g_cnt[gid[r] + 1] += 1
+        n_c[gid[r]] += corr[r]
+    for g in range(n_groups):
+        g_cnt[g + 1] += g_cnt[g]
+    g_rows = np.empty(b, np.int64)
+    local = np.empty(b, np.int64)  # a row's index inside its group
+    fill = g_cnt[:n_groups].copy()
+    for r in range(b):
+        g_rows[fill[gid[r]]] = r
+        local[r] = fill[gid[r]] - g_cnt[gid[r]]
+        fill[gid[r]] += 1
+    # Scratch sized by the largest group.
+    max_tok = 1
+    max_rows = 1
+    for g in range(n_groups):
+        n = 0
+        for i in range(g_cnt[g], g_cnt[g + 1]):
+            n += row_i[g_rows[i], 0]
+        max_tok = max(max_tok, n)
+        max_rows = max(max_rows, g_cnt[g + 1] - g_cnt[g])
+    max_seg = max_tok // mu + 1
+    max_words = (max_rows + 63) // 64
+    kb = np.empty(t_len + 1, np.uint64)
+    cb = np.empty(t_len + 1, np.uint64)
+    hist = np.zeros(1 << _DIGIT, np.int64)
+    pw = np.empty(max(t_len, mu) + 1, np.uint64)
+    pw[0] = _ONE
+    for i in range(1, pw.size):
+        pw[i] = pw[i - 1] * base
+    seg = np.empty((5, max_seg + 1), np.int64)
+    hp = np.empty(max_tok + max_seg, np.uint64)
+    key = np.empty((11, max_seg), np.int64)
+    key_full = np.empty(max_seg, np.uint64)
+    kw = np.empty(max_seg, np.float32)
+    len_cnt = np.empty(t_len + 2, np.int64)
+    by_len = np.empty(max_seg, np.int64)
+    tbits_max = _table_bits(max_seg)
+    dtab = np.empty(1 << tbits_max, np.int64)
+    h_hash = np.empty(1 << tbits_max, np.uint64)
+    h_first = np.empty(1 << tbits_max, np.int64)
+    copies = np.empty(max_seg, np.int64)
+    hmask = np.empty((max_seg, max_words), np.uint64)
+    kmask = np.empty((max_seg, max_words), np.uint64)
+    cmask = np.empty(max_words, np.uint64)
+    aw = np.empty(max_rows + 1, np.float32)
+    ae = np.empty(max_rows + 1, np.int64)
+    occ = np.empty((3, 2 * max_tok + 16), np.int64)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+
+    for g in range(n_groups):
+        r0, r1 = g_cnt[g], g_cnt[g + 1]
+        nc = n_c[g]
+        nw = (r1 - r0) - nc
+        shaped = nc > 0 and nw > 0  # step 8: other groups keep w = 1
+        inv_c = np.float32(1.0 / nc) if nc else one
+        inv_w = np.float32(1.0 / nw) if nw else one
+        nseg = 0
+        ntok = 0
+        for i in range(r0, r1):
+            r = g_rows[i]
+            o = r * t_len
+            ln = row_i[r, 0]
+            weights[o + ln : o + t_len] = zero
+            if not shaped:
+                weights[o : o + ln] = one
+            elif ln:
+                d = inv_c if corr[r] else inv_w
+                nseg, ntok, row_i[r, 1] = _response(
+                    ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, weights, seg, nseg, ntok
+                )
+        glob[0] += ntok
+        if nseg == 0:
+            continue
+        tbits = _table_bits(nseg)
+        nk = _keys(tok, base, mu, seg, nseg, hp, pw, tbits, dtab, h_hash, h_first, key, key_full, len_cnt, by_len)
+        while True:
+            n_occ = _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full, occ)
+            if n_occ <= occ.shape[1]:
+                break
+            occ = np.empty((3, 2 * n_occ), np.int64)  # more occurrences than room: scan again
+        words = (r1 - r0 + 63) // 64
+        cmask[:words] = 0
+        for i in range(r0, r1):
+            if corr[g_rows[i]]:
+                cmask[(i - r0) >> 6] |= _ONE << np.uint64((i - r0) & 63)
+        n_cl = _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copies, hmask, kmask, kw, glob)
+        if n_cl:
+            _paint(seg, key, occ, n_occ, copies, kw, aw, ae, weights, row_i, row_f)
+    return 0
