@@ -30,3 +30,13 @@ def recompute_logprobs(policy_chunks, arch, prompt, response, temperature):
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(out, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
     return out
+
+
+def max_logprob_error(policy_chunks, arch, prompts, sampled, temperature) -> float:
+    """Largest |engine log-prob - Megatron recomputation| over every sampled token."""
+    worst = 0.0
+    for p, rs in zip(prompts, sampled):
+        for r in rs:
+            ref = recompute_logprobs(policy_chunks, arch, p, r.token_ids, temperature)
+            worst = max(worst, float((torch.tensor(r.logprobs, dtype=torch.float64) - ref).abs().max()))
+    return worst

@@ -18,7 +18,7 @@ def _job():
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.rollout.builtin import BuiltinSampler
     from megatron_less.trainer.model_setup import build_policy
-    from tests.rollout_checks import recompute_logprobs
+    from tests.rollout_checks import max_logprob_error
 
     hf = tiny.hf_model(0, **tiny.ROLLOUT)
     arch = qwen2.Qwen2Arch.from_hf(hf.config)
@@ -31,11 +31,7 @@ def _job():
         stop = greedy[0][0].token_ids[2]
         sp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=6, seed=3, stop_token_ids=(stop,))
         sampled = engine.generate(PROMPTS, 4, sp)
-        worst = 0.0
-        for p, rs in zip(PROMPTS, sampled):
-            for r in rs:
-                ref = recompute_logprobs(policy.model, arch, p, r.token_ids, sp.temperature)
-                worst = max(worst, float((torch.tensor(r.logprobs, dtype=torch.float64) - ref).abs().max()))
+        worst = max_logprob_error(policy.model, arch, PROMPTS, sampled, sp.temperature)
         out[(tp, pp)] = dict(
             greedy=[[r.token_ids for r in rs] for rs in greedy],
             greedy_reasons=[[r.finish_reason for r in rs] for rs in greedy],

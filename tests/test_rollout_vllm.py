@@ -8,7 +8,6 @@ import importlib.util
 import os
 
 import pytest
-import torch
 
 from megatron_less.parallel.spawn import run_distributed
 from tests import tiny
@@ -28,7 +27,7 @@ def _phase(engine, policy, arch, hf_seed):
     from megatron_less.models import qwen2
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.rollout.builtin import BuiltinSampler
-    from tests.rollout_checks import recompute_logprobs
+    from tests.rollout_checks import max_logprob_error
 
     qwen2.load_hf_weights(policy.module, tiny.hf_model(hf_seed, **tiny.ROLLOUT).state_dict(), arch)
     sync = engine.sync_weights(policy.module)
@@ -37,11 +36,7 @@ def _phase(engine, policy, arch, hf_seed):
     b_greedy = [[r.token_ids for r in rs] for rs in BuiltinSampler(policy.model, arch).generate(PROMPTS, 1, greedy)]
     sp = SamplingParams(temperature=1.0, max_tokens=8, seed=5)
     sampled = engine.generate(PROMPTS, 4, sp)
-    worst = 0.0
-    for p, rs in zip(PROMPTS, sampled):
-        for r in rs:
-            ref = recompute_logprobs(policy.model, arch, p, r.token_ids, sp.temperature)
-            worst = max(worst, float((torch.tensor(r.logprobs, dtype=torch.float64) - ref).abs().max()))
+    worst = max_logprob_error(policy.model, arch, PROMPTS, sampled, sp.temperature)
     return dict(vllm_greedy=v_greedy, builtin_greedy=b_greedy, logprob_max_abs_diff=worst,
                 sync_seconds=sync["seconds"], sync_bytes=sync["bytes"],
                 distinct_samples=len({tuple(r.token_ids) for rs in sampled for r in rs}))
