@@ -86,7 +86,7 @@ def _select(kb, n, k, cb, hist, nbits):
     m = n
     shift = nbits
     while shift > 0:
-        if m <= 32:
+        if m <= 64:
             for i in range(m):  # insertion sort of the last candidates
                 v = src[i]
                 j = i
@@ -95,7 +95,7 @@ def _select(kb, n, k, cb, hist, nbits):
                     j -= 1
                 cb[j] = v
             return cb[k]
-        w = _DIGIT if shift >= _DIGIT else shift
+        w = min(_DIGIT if m > 2048 else 6, shift)  # fewer bins once few candidates are left
         shift -= w
         sh = np.uint64(shift)
         mask = np.uint64((1 << w) - 1)
@@ -174,56 +174,61 @@ K_SEG, K_LEN, K_NEXT, K_LSEG, K_LPOS, K_PERD, K_PEROK, K_CP0, K_CP1, K_CARR, K_K
 
 
 @_jit
-def _response(ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, weights, seg, nseg, ntok):
+def _response(ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, edges, weights, seg, nseg, ntok):
     """Steps 1-4 for one response (flat offset o, length ln >= 1): weights of its valid tokens and
     its segments appended to seg. Returns (nseg, ntok, high-entropy tokens)."""
+    er = ebits[o * wpt : (o + ln) * wpt]
     for c in range(ln):
-        kb[c] = _key(ebits, o + c, wpt)
+        kb[c] = _key(er, c, wpt)
     k = min(np.int64(np.rint(quantile * np.float64(ln))), ln - 1)
     tau = _select(kb, ln, k, cb, hist, 32 * wpt)
     one = np.float32(1.0)
     nh = 0
-    run = -1
+    # Weights, and the boundaries of the runs of H < tau, without branches.
+    wr = weights[o : o + ln]
     for c in range(ln):
-        x = kb[c]
-        high = x > tau
-        weights[o + c] = one if high else d
+        high = kb[c] > tau
+        wr[c] = one if high else d
         nh += high
-        if x < tau:
-            if run < 0:
-                run = c
-        elif run >= 0:
-            if c - run >= mu:
-                seg[S_ROW, nseg] = r
-                seg[S_FLAT, nseg] = o + run
-                seg[S_LEN, nseg] = c - run
-                seg[S_TOFF, nseg] = ntok
-                ntok += c - run
-                nseg += 1
-            run = -1
-    if run >= 0 and ln - run >= mu:
-        seg[S_ROW, nseg] = r
-        seg[S_FLAT, nseg] = o + run
-        seg[S_LEN, nseg] = ln - run
-        seg[S_TOFF, nseg] = ntok
-        ntok += ln - run
-        nseg += 1
+    prev = False
+    nt = 0
+    for c in range(ln):
+        low = kb[c] < tau
+        edges[nt] = c
+        nt += low != prev
+        prev = low
+    edges[nt] = ln
+    nt += prev
+    for e in range(0, nt, 2):
+        a, z = edges[e], edges[e + 1]
+        if z - a >= mu:
+            seg[S_ROW, nseg] = r
+            seg[S_FLAT, nseg] = o + a
+            seg[S_LEN, nseg] = z - a
+            seg[S_TOFF, nseg] = ntok
+            ntok += z - a
+            nseg += 1
     return nseg, ntok, nh
 
 
 @_jit
-def _keys(tok, base, mu, seg, nseg, hp, pw, tbits, dtab, h_hash, h_first, key, key_full, len_cnt, by_len):
-    """Prefix hashes of the segments (segment s's at hp[toff + s:]), distinct keys (equal segments
+def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, key, key_full, len_cnt, by_len):
+    """Prefix hashes of the segments (segment s's at hp[toff + s:], hp[i] = sum of x_j * BASE**-j
+    over its first i tokens, so the window at j of length L hashes to (hp[j + L] - hp[j]) * BASE**j
+    wherever it sits), distinct keys (equal segments
     merged after a token-by-token check; the first copy is the host) and the head table (keys of
     one mu-gram hash chained by increasing length). Returns the number of keys."""
     for s in range(nseg):
         p = seg[S_TOFF, s] + s
         f = seg[S_FLAT, s]
+        ln = seg[S_LEN, s]
+        ts = tok[f : f + ln]
+        hs = hp[p + 1 : p + 1 + ln]
+        hp[p] = _ZERO
         h = _ZERO
-        hp[p] = h
-        for j in range(seg[S_LEN, s]):
-            h = h * base + _mix(tok[f + j])
-            hp[p + j + 1] = h
+        for j in range(ln):
+            h += _mix(ts[j]) * inv[j]
+            hs[j] = h
     tmask = (1 << tbits) - 1
     tshift = np.uint64(64 - tbits)
     for i in range(1 << tbits):
@@ -267,7 +272,7 @@ def _keys(tok, base, mu, seg, nseg, hp, pw, tbits, dtab, h_hash, h_first, key, k
     for ii in range(nk):
         kk = by_len[ii]
         p = seg[S_TOFF, key[K_SEG, kk]] + key[K_SEG, kk]
-        head = hp[p + mu] - hp[p] * pw[mu]
+        head = hp[p + mu] - hp[p]
         slot = np.int64((head * _M2) >> tshift)
         while h_first[slot] >= 0 and h_hash[slot] != head:
             slot = (slot + 1) & tmask
@@ -294,7 +299,6 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full,
         key[K_PEROK, kk] = 0
     tmask = (1 << tbits) - 1
     tshift = np.uint64(64 - tbits)
-    pw_mu = pw[mu]
     n_occ = 0
     for s in range(nseg):
         own = seg[S_KEY, s]
@@ -303,8 +307,12 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full,
         ln = seg[S_LEN, s]
         p = seg[S_TOFF, s] + s
         f = seg[S_FLAT, s]
+        hs = hp[p : p + ln + 1]
+        hm = hp[p + mu : p + ln + 1]
         for j in range(ln - mu + 1):
-            gh = hp[p + j + mu] - hp[p + j] * pw_mu
+            pj = pw[j]
+            hj = hs[j]
+            gh = (hm[j] - hj) * pj
             slot = np.int64((gh * _M2) >> tshift)
             kk = h_first[slot]
             while kk >= 0 and h_hash[slot] != gh:
@@ -315,7 +323,7 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full,
                 kl = key[K_LEN, kk]
                 if kl > room:
                     break
-                if hp[p + j + kl] - hp[p + j] * pw[kl] == key_full[kk]:
+                if (hs[j + kl] - hj) * pj == key_full[kk]:
                     kf = seg[S_FLAT, key[K_SEG, kk]]
                     if j == 0 and own == kk:
                         ok = True
@@ -388,78 +396,107 @@ def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copie
 
 
 @_jit
-def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, weights, row_i, row_f):
-    """Step 6 for one group, host by host: occurrences come sorted by (host, offset) from the
-    scan, so one sweep over the host's tokens finds each token's covering clusters: shared if a
-    shared occurrence reaches it, else the largest weight among the weighted occurrences reaching
-    it (kept as a short list of (weight, end) pairs, none dominated by another). The result is
-    written into every copy of the host."""
+def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_f):
+    """Step 6 for one group, host by host (occurrences come sorted by (host, offset) from the
+    scan), each result written into every copy of the host. A host reached by shared clusters only
+    gets the union of their occurrences zeroed; otherwise one sweep over its tokens gives each
+    token its verdict: 0 if a shared occurrence reaches it, else the largest weight among the
+    weighted occurrences reaching it (a short list of (weight, end) pairs, none dominated)."""
+    zero = np.float32(0.0)
     i = 0
     while i < n_occ:
         h = occ[1, i]
         i2 = i
+        weighted = False
         while i2 < n_occ and occ[1, i2] == h:
+            kind = key[K_KIND, occ[0, i2]]
+            weighted |= kind == 1 or kind == 2
             i2 += 1
         hk = seg[S_KEY, h]
-        cp0, cp1 = key[K_CP0, hk], key[K_CP1, hk]
-        end_sh = 0
-        na = 0
+        ncp = key[K_CP1, hk] - key[K_CP0, hk]
+        for ci in range(ncp):
+            cflat[ci] = seg[S_FLAT, copies[key[K_CP0, hk] + ci]]
         n_cov = 0
         n_sh = 0
         w_cov = 0.0
-        ii = i
-        pos = occ[2, i]
-        while True:
-            while ii < i2 and occ[2, ii] == pos:
-                kk = occ[0, ii]
-                kind = key[K_KIND, kk]
-                e = pos + key[K_LEN, kk]
-                if kind == 3:
-                    end_sh = max(end_sh, e)
-                elif kind:
-                    w = kw[kk]
-                    dominated = False
-                    for q in range(na):
-                        if aw[q] >= w and ae[q] >= e:
-                            dominated = True
-                            break
-                    if not dominated:
-                        m = 0
+        if not weighted:
+            cs = 0
+            ce = 0
+            for ii in range(i, i2 + 1):
+                if ii < i2:
+                    kk = occ[0, ii]
+                    if key[K_KIND, kk] != 3:
+                        continue
+                    a = occ[2, ii]
+                    if a <= ce:
+                        ce = max(ce, a + key[K_LEN, kk])
+                        continue
+                else:
+                    a = -1
+                if ce > cs:
+                    for ci in range(ncp):
+                        weights[cflat[ci] + cs : cflat[ci] + ce] = zero
+                    n_sh += ce - cs
+                if a >= 0:
+                    cs = a
+                    ce = a + key[K_LEN, kk]
+            n_cov = n_sh
+        else:
+            end_sh = 0
+            na = 0
+            ii = i
+            pos = occ[2, i]
+            while True:
+                while ii < i2 and occ[2, ii] == pos:
+                    kk = occ[0, ii]
+                    kind = key[K_KIND, kk]
+                    e = pos + key[K_LEN, kk]
+                    if kind == 3:
+                        end_sh = max(end_sh, e)
+                    elif kind:
+                        w = kw[kk]
+                        dominated = False
                         for q in range(na):
-                            if aw[q] > w or ae[q] > e:
-                                aw[m] = aw[q]
-                                ae[m] = ae[q]
-                                m += 1
-                        aw[m] = w
-                        ae[m] = e
-                        na = m + 1
-                ii += 1
-            # Token pos of the host.
-            m = 0
-            best = np.float32(-1.0)
-            for q in range(na):
-                if ae[q] > pos:
-                    aw[m] = aw[q]
-                    ae[m] = ae[q]
-                    m += 1
-                    best = max(best, aw[q])
-            na = m
-            if end_sh > pos:
-                n_cov += 1
-                n_sh += 1
-                for ci in range(cp0, cp1):
-                    weights[seg[S_FLAT, copies[ci]] + pos] = 0.0
-            elif na:
-                n_cov += 1
-                w_cov += best
-                for ci in range(cp0, cp1):
-                    weights[seg[S_FLAT, copies[ci]] + pos] = best
-            pos += 1
-            if end_sh <= pos and na == 0:  # nothing reaches further: on to the next start
-                if ii == i2:
-                    break
-                pos = occ[2, ii]
-        for ci in range(cp0, cp1):
+                            if aw[q] >= w and ae[q] >= e:
+                                dominated = True
+                                break
+                        if not dominated:
+                            m = 0
+                            for q in range(na):
+                                if aw[q] > w or ae[q] > e:
+                                    aw[m] = aw[q]
+                                    ae[m] = ae[q]
+                                    m += 1
+                            aw[m] = w
+                            ae[m] = e
+                            na = m + 1
+                    ii += 1
+                # Token pos of the host.
+                m = 0
+                best = np.float32(-1.0)
+                for q in range(na):
+                    if ae[q] > pos:
+                        aw[m] = aw[q]
+                        ae[m] = ae[q]
+                        m += 1
+                        best = max(best, aw[q])
+                na = m
+                if end_sh > pos:
+                    n_cov += 1
+                    n_sh += 1
+                    for ci in range(ncp):
+                        weights[cflat[ci] + pos] = zero
+                elif na:
+                    n_cov += 1
+                    w_cov += best
+                    for ci in range(ncp):
+                        weights[cflat[ci] + pos] = best
+                pos += 1
+                if end_sh <= pos and na == 0:  # nothing reaches further: on to the next start
+                    if ii == i2:
+                        break
+                    pos = occ[2, ii]
+        for ci in range(key[K_CP0, hk], key[K_CP1, hk]):
             r = seg[S_ROW, copies[ci]]
             row_i[r, 2] += n_cov
             row_i[r, 3] += n_sh
@@ -468,7 +505,7 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, weights, row_i, row_f):
 
 
 @_jit
-def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, weights, row_i, row_f, glob):
+def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, base_inv, weights, row_i, row_f, glob):
     """LESS weights of a [B, T] batch (flat arrays), written into weights (float32, B*T).
 
     tok int64, ebits uint32 (wpt words per entropy: 1 float32, 2 float64), mask uint8 (0/1), corr
@@ -481,13 +518,13 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
     t_len = mask.size // b if b else 0
     # Lengths, and the left-alignment check: the row's count of valid tokens must all come first.
     for r in range(b):
-        o = r * t_len
+        row = mask[r * t_len : (r + 1) * t_len]
         ln = 0
         for c in range(t_len):
-            ln += mask[o + c]
+            ln += row[c]
         first = 0
         for c in range(ln):
-            first += mask[o + c]
+            first += row[c]
         if first != ln:
             return 1
         row_i[r, 0] = ln
@@ -526,10 +563,14 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
     kb = np.empty(t_len + 1, np.uint64)
     cb = np.empty(t_len + 1, np.uint64)
     hist = np.zeros(1 << _DIGIT, np.int64)
-    pw = np.empty(max(t_len, mu) + 1, np.uint64)
+    edges = np.empty(t_len + 2, np.int64)
+    pw = np.empty(t_len + 1, np.uint64)  # BASE**i and BASE**-i
+    inv = np.empty(t_len + 1, np.uint64)
     pw[0] = _ONE
-    for i in range(1, pw.size):
+    inv[0] = _ONE
+    for i in range(1, t_len + 1):
         pw[i] = pw[i - 1] * base
+        inv[i] = inv[i - 1] * base_inv
     seg = np.empty((5, max_seg + 1), np.int64)
     hp = np.empty(max_tok + max_seg, np.uint64)
     key = np.empty((11, max_seg), np.int64)
@@ -542,6 +583,7 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
     h_hash = np.empty(1 << tbits_max, np.uint64)
     h_first = np.empty(1 << tbits_max, np.int64)
     copies = np.empty(max_seg, np.int64)
+    cflat = np.empty(max_seg, np.int64)
     hmask = np.empty((max_seg, max_words), np.uint64)
     kmask = np.empty((max_seg, max_words), np.uint64)
     cmask = np.empty(max_words, np.uint64)
@@ -570,13 +612,13 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
             elif ln:
                 d = inv_c if corr[r] else inv_w
                 nseg, ntok, row_i[r, 1] = _response(
-                    ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, weights, seg, nseg, ntok
+                    ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, edges, weights, seg, nseg, ntok
                 )
         glob[0] += ntok
         if nseg == 0:
             continue
         tbits = _table_bits(nseg)
-        nk = _keys(tok, base, mu, seg, nseg, hp, pw, tbits, dtab, h_hash, h_first, key, key_full, len_cnt, by_len)
+        nk = _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, key, key_full, len_cnt, by_len)
         while True:
             n_occ = _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full, occ)
             if n_occ <= occ.shape[1]:
@@ -589,5 +631,5 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
                 cmask[(i - r0) >> 6] |= _ONE << np.uint64((i - r0) & 63)
         n_cl = _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copies, hmask, kmask, kw, glob)
         if n_cl:
-            _paint(seg, key, occ, n_occ, copies, kw, aw, ae, weights, row_i, row_f)
+            _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_f)
     return 0

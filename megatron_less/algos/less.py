@@ -207,6 +207,7 @@ def _less_compiled(nb, tok, ent, mask, corr, gid, mu, quantile, want_stats):
         int(mu),
         float(quantile),
         np.uint64(sm._BASE % (1 << 64)),
+        np.uint64(pow(sm._BASE, -1, 1 << 64)),  # the base is odd: invertible mod 2**64
         weights.reshape(-1),
         row_i,
         row_f,
