@@ -149,6 +149,21 @@ def test_long_responses_with_large_vocab_match_oracle():
         check_against_oracle(random_batch(rng, 6, max_size=8, max_len=300, vocab=50), 5, 0.8)
 
 
+def test_large_groups_match_oracle():
+    """Groups of more than 64 responses (carrier sets span several 64-bit words in the kernel)."""
+    rng = np.random.default_rng(17)
+    check_against_oracle(random_batch(rng, 3, max_size=150, max_len=24, vocab=3), 3, 0.8)
+    check_against_oracle(loop_batch(rng, 2), 2, 0.8)
+    # One group of 130: every response carries the same phrase; one correct response among them.
+    tok = torch.tensor([[1, 2, 3, 4, 9] for _ in range(130)])
+    ent = torch.tensor([[0.1, 0.1, 0.1, 0.1, 5.0]] * 130)
+    correct = torch.zeros(130, dtype=torch.bool)
+    correct[77] = True
+    batch = (tok, ent, torch.ones(130, 5, dtype=torch.bool), correct, torch.zeros(130, dtype=torch.long))
+    w = check_against_oracle(batch, 3, 0.8)
+    assert w[:, :4].eq(0).all()  # shared by both kinds: neutralised
+
+
 def test_segment_length_boundary():
     """A run of mu - 1 low tokens is no segment; a run of mu is (here shared, so neutralised)."""
     mu = 4
@@ -329,6 +344,15 @@ def test_token_id_ranges_and_dtypes(scale, offset):
         less_token_weights(t2, ent, mask, correct, group, mu=3),
         less_token_weights(tok, ent, mask, correct, group, mu=3),
     )
+
+
+def test_scratch_that_runs_out_is_grown(monkeypatch):
+    """The kernel's first allotment of occurrences can be too small (repetition loops): the group is
+    scanned again with more room, and the weights are the same."""
+    monkeypatch.setattr(less, "_OCC_ROOM", 0)
+    rng = np.random.default_rng(23)
+    check_against_oracle(loop_batch(rng, 4), 2, 0.8)
+    check_against_oracle(random_batch(rng, 8), 3, 0.8)
 
 
 def test_release_workspace_then_recompute():

@@ -102,7 +102,7 @@ def _select(kb, n, k, cb, hist, nbits):
         nb = 1 << w
         hist[:nb] = 0
         for i in range(m):
-            hist[np.int64((src[i] >> sh) & mask)] += 1
+            hist[(src[i] >> sh) & mask] += 1
         if 2 * k < m:  # find the digit from the nearer end
             b = 0
             while hist[b] <= k:
@@ -164,7 +164,7 @@ def _table_bits(n):
     return bits
 
 
-# Fields of the per-group tables seg[field, s] (segments) and key[field, k] (distinct segments).
+# Fields of the per-group tables seg[s, field] (segments) and key[k, field] (distinct segments).
 S_ROW, S_FLAT, S_LEN, S_TOFF, S_KEY = range(5)
 K_SEG, K_LEN, K_NEXT, K_LSEG, K_LPOS, K_PERD, K_PEROK, K_CP0, K_CP1, K_CARR, K_KIND = range(11)
 # K_SEG: the host (first copy); K_NEXT: next key with the same head, longer; K_LSEG, K_LPOS: last
@@ -202,10 +202,10 @@ def _response(ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, edges, weight
     for e in range(0, nt, 2):
         a, z = edges[e], edges[e + 1]
         if z - a >= mu:
-            seg[S_ROW, nseg] = r
-            seg[S_FLAT, nseg] = o + a
-            seg[S_LEN, nseg] = z - a
-            seg[S_TOFF, nseg] = ntok
+            seg[nseg, S_ROW] = r
+            seg[nseg, S_FLAT] = o + a
+            seg[nseg, S_LEN] = z - a
+            seg[nseg, S_TOFF] = ntok
             ntok += z - a
             nseg += 1
     return nseg, ntok, nh
@@ -219,9 +219,9 @@ def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, key, key_fu
     merged after a token-by-token check; the first copy is the host) and the head table (keys of
     one mu-gram hash chained by increasing length). Returns the number of keys."""
     for s in range(nseg):
-        p = seg[S_TOFF, s] + s
-        f = seg[S_FLAT, s]
-        ln = seg[S_LEN, s]
+        p = seg[s, S_TOFF] + s
+        f = seg[s, S_FLAT]
+        ln = seg[s, S_LEN]
         ts = tok[f : f + ln]
         hs = hp[p + 1 : p + 1 + ln]
         hp[p] = _ZERO
@@ -236,51 +236,51 @@ def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, key, key_fu
         h_first[i] = -1
     nk = 0
     for s in range(nseg):
-        ln = seg[S_LEN, s]
-        full = hp[seg[S_TOFF, s] + s + ln]
+        ln = seg[s, S_LEN]
+        full = hp[seg[s, S_TOFF] + s + ln]
         slot = np.int64(((full ^ (np.uint64(ln) * _SALT)) * _M2) >> tshift)
         while True:
             kk = dtab[slot]
             if kk < 0:
                 dtab[slot] = nk
-                key[K_SEG, nk] = s
-                key[K_LEN, nk] = ln
+                key[nk, K_SEG] = s
+                key[nk, K_LEN] = ln
                 key_full[nk] = full
-                seg[S_KEY, s] = nk
+                seg[s, S_KEY] = nk
                 nk += 1
                 break
             if (
-                key[K_LEN, kk] == ln
+                key[kk, K_LEN] == ln
                 and key_full[kk] == full
-                and _equal(tok, seg[S_FLAT, key[K_SEG, kk]], seg[S_FLAT, s], ln)
+                and _equal(tok, seg[key[kk, K_SEG], S_FLAT], seg[s, S_FLAT], ln)
             ):
-                seg[S_KEY, s] = kk
+                seg[s, S_KEY] = kk
                 break
             slot = (slot + 1) & tmask
     # Insert keys longest first (counting sort on length), each at the front of its head's chain.
     max_len = 0
     for kk in range(nk):
-        max_len = max(max_len, key[K_LEN, kk])
+        max_len = max(max_len, key[kk, K_LEN])
     len_cnt[: max_len + 2] = 0
     for kk in range(nk):
-        len_cnt[key[K_LEN, kk]] += 1
+        len_cnt[key[kk, K_LEN]] += 1
     for i in range(max_len, -1, -1):
         len_cnt[i] += len_cnt[i + 1]  # keys at least this long
     for kk in range(nk):
-        len_cnt[key[K_LEN, kk]] -= 1
-        by_len[len_cnt[key[K_LEN, kk]]] = kk
+        len_cnt[key[kk, K_LEN]] -= 1
+        by_len[len_cnt[key[kk, K_LEN]]] = kk
     for ii in range(nk):
         kk = by_len[ii]
-        p = seg[S_TOFF, key[K_SEG, kk]] + key[K_SEG, kk]
+        p = seg[key[kk, K_SEG], S_TOFF] + key[kk, K_SEG]
         head = hp[p + mu] - hp[p]
         slot = np.int64((head * _M2) >> tshift)
         while h_first[slot] >= 0 and h_hash[slot] != head:
             slot = (slot + 1) & tmask
         if h_first[slot] < 0:
             h_hash[slot] = head
-            key[K_NEXT, kk] = -1
+            key[kk, K_NEXT] = -1
         else:
-            key[K_NEXT, kk] = h_first[slot]
+            key[kk, K_NEXT] = h_first[slot]
         h_first[slot] = kk
     return nk
 
@@ -293,20 +293,20 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full,
     first occ.shape[1] are stored (the caller retries with more room)."""
     cap = occ.shape[1]
     for kk in range(nk):
-        key[K_LSEG, kk] = -1
-        key[K_LPOS, kk] = 0
-        key[K_PERD, kk] = -1
-        key[K_PEROK, kk] = 0
+        key[kk, K_LSEG] = -1
+        key[kk, K_LPOS] = 0
+        key[kk, K_PERD] = -1
+        key[kk, K_PEROK] = 0
     tmask = (1 << tbits) - 1
     tshift = np.uint64(64 - tbits)
     n_occ = 0
     for s in range(nseg):
-        own = seg[S_KEY, s]
-        if key[K_SEG, own] != s:
+        own = seg[s, S_KEY]
+        if key[own, K_SEG] != s:
             continue  # a copy: its host is scanned
-        ln = seg[S_LEN, s]
-        p = seg[S_TOFF, s] + s
-        f = seg[S_FLAT, s]
+        ln = seg[s, S_LEN]
+        p = seg[s, S_TOFF] + s
+        f = seg[s, S_FLAT]
         hs = hp[p : p + ln + 1]
         hm = hp[p + mu : p + ln + 1]
         for j in range(ln - mu + 1):
@@ -320,32 +320,32 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full,
                 kk = h_first[slot]
             room = ln - j
             while kk >= 0:
-                kl = key[K_LEN, kk]
+                kl = key[kk, K_LEN]
                 if kl > room:
                     break
                 if (hs[j + kl] - hj) * pj == key_full[kk]:
-                    kf = seg[S_FLAT, key[K_SEG, kk]]
+                    kf = seg[key[kk, K_SEG], S_FLAT]
                     if j == 0 and own == kk:
                         ok = True
-                    elif key[K_LSEG, kk] == s and j - key[K_LPOS, kk] < kl:
+                    elif key[kk, K_LSEG] == s and j - key[kk, K_LPOS] < kl:
                         # Chained: K occurs at j - dd (confirmed) with dd < |K|, so K occurs at j
                         # iff K has period dd and the dd tokens after that occurrence continue K.
-                        dd = j - key[K_LPOS, kk]
-                        if key[K_PERD, kk] != dd:
-                            key[K_PERD, kk] = dd
-                            key[K_PEROK, kk] = _equal(tok, kf + dd, kf, kl - dd)
-                        ok = key[K_PEROK, kk] != 0 and _equal(tok, f + j + kl - dd, kf + kl - dd, dd)
+                        dd = j - key[kk, K_LPOS]
+                        if key[kk, K_PERD] != dd:
+                            key[kk, K_PERD] = dd
+                            key[kk, K_PEROK] = _equal(tok, kf + dd, kf, kl - dd)
+                        ok = key[kk, K_PEROK] != 0 and _equal(tok, f + j + kl - dd, kf + kl - dd, dd)
                     else:
                         ok = _equal(tok, f + j, kf, kl)
                     if ok:
-                        key[K_LSEG, kk] = s
-                        key[K_LPOS, kk] = j
+                        key[kk, K_LSEG] = s
+                        key[kk, K_LPOS] = j
                         if n_occ < cap:
                             occ[0, n_occ] = kk
                             occ[1, n_occ] = s
                             occ[2, n_occ] = j
                         n_occ += 1
-                kk = key[K_NEXT, kk]
+                kk = key[kk, K_NEXT]
     return n_occ
 
 
@@ -356,26 +356,26 @@ def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copie
     row r, cmask = the correct ones), cluster kind and weight. Returns the number of clusters."""
     # Copies of each key, host first: copies[K_CP0:K_CP1] (counting sort of the segments by key).
     for kk in range(nk):
-        key[K_CP0, kk] = 0
+        key[kk, K_CP0] = 0
     for s in range(nseg):
-        key[K_CP0, seg[S_KEY, s]] += 1
+        key[seg[s, S_KEY], K_CP0] += 1
     at = 0
     for kk in range(nk):
-        c = key[K_CP0, kk]
-        key[K_CP0, kk] = at
-        key[K_CP1, kk] = at
+        c = key[kk, K_CP0]
+        key[kk, K_CP0] = at
+        key[kk, K_CP1] = at
         at += c
     hmask[:nk, :words] = 0
     for s in range(nseg):
-        kk = seg[S_KEY, s]
-        copies[key[K_CP1, kk]] = s
-        key[K_CP1, kk] += 1
-        bit = local[seg[S_ROW, s]]
+        kk = seg[s, S_KEY]
+        copies[key[kk, K_CP1]] = s
+        key[kk, K_CP1] += 1
+        bit = local[seg[s, S_ROW]]
         hmask[kk, bit >> 6] |= _ONE << np.uint64(bit & 63)
     kmask[:nk, :words] = 0
     for i in range(n_occ):
         kk = occ[0, i]
-        hk = seg[S_KEY, occ[1, i]]
+        hk = seg[occ[1, i], S_KEY]
         for w in range(words):
             kmask[kk, w] |= hmask[hk, w]
     n_cl = 0
@@ -386,8 +386,8 @@ def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copie
             c += _popcount(kmask[kk, w])
             cc += _popcount(kmask[kk, w] & cmask[w])
         kind = 0 if c < 2 else 1 if cc == c else 2 if cc == 0 else 3
-        key[K_KIND, kk] = kind
-        key[K_CARR, kk] = c
+        key[kk, K_KIND] = kind
+        key[kk, K_CARR] = c
         kw[kk] = np.float32(c / nc) if kind == 1 else np.float32(c / nw) if kind == 2 else np.float32(0.0)
         if kind:
             n_cl += 1
@@ -396,7 +396,7 @@ def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copie
 
 
 @_jit
-def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_f):
+def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_w):
     """Step 6 for one group, host by host (occurrences come sorted by (host, offset) from the
     scan), each result written into every copy of the host. A host reached by shared clusters only
     gets the union of their occurrences zeroed; otherwise one sweep over its tokens gives each
@@ -409,13 +409,13 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
         i2 = i
         weighted = False
         while i2 < n_occ and occ[1, i2] == h:
-            kind = key[K_KIND, occ[0, i2]]
+            kind = key[occ[0, i2], K_KIND]
             weighted |= kind == 1 or kind == 2
             i2 += 1
-        hk = seg[S_KEY, h]
-        ncp = key[K_CP1, hk] - key[K_CP0, hk]
+        hk = seg[h, S_KEY]
+        ncp = key[hk, K_CP1] - key[hk, K_CP0]
         for ci in range(ncp):
-            cflat[ci] = seg[S_FLAT, copies[key[K_CP0, hk] + ci]]
+            cflat[ci] = seg[copies[key[hk, K_CP0] + ci], S_FLAT]
         n_cov = 0
         n_sh = 0
         w_cov = 0.0
@@ -425,11 +425,11 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
             for ii in range(i, i2 + 1):
                 if ii < i2:
                     kk = occ[0, ii]
-                    if key[K_KIND, kk] != 3:
+                    if key[kk, K_KIND] != 3:
                         continue
                     a = occ[2, ii]
                     if a <= ce:
-                        ce = max(ce, a + key[K_LEN, kk])
+                        ce = max(ce, a + key[kk, K_LEN])
                         continue
                 else:
                     a = -1
@@ -439,7 +439,7 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
                     n_sh += ce - cs
                 if a >= 0:
                     cs = a
-                    ce = a + key[K_LEN, kk]
+                    ce = a + key[kk, K_LEN]
             n_cov = n_sh
         else:
             end_sh = 0
@@ -449,8 +449,8 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
             while True:
                 while ii < i2 and occ[2, ii] == pos:
                     kk = occ[0, ii]
-                    kind = key[K_KIND, kk]
-                    e = pos + key[K_LEN, kk]
+                    kind = key[kk, K_KIND]
+                    e = pos + key[kk, K_LEN]
                     if kind == 3:
                         end_sh = max(end_sh, e)
                     elif kind:
@@ -496,21 +496,23 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
                     if ii == i2:
                         break
                     pos = occ[2, ii]
-        for ci in range(key[K_CP0, hk], key[K_CP1, hk]):
-            r = seg[S_ROW, copies[ci]]
+        for ci in range(key[hk, K_CP0], key[hk, K_CP1]):
+            r = seg[copies[ci], S_ROW]
             row_i[r, 2] += n_cov
             row_i[r, 3] += n_sh
-            row_f[r, 1] += w_cov
+            row_w[r] += w_cov
         i = i2
 
 
 @_jit
-def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, base_inv, weights, row_i, row_f, glob):
+def less_kernel(
+    tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, base_inv, occ_room, weights, row_i, row_w, glob
+):
     """LESS weights of a [B, T] batch (flat arrays), written into weights (float32, B*T).
 
     tok int64, ebits uint32 (wpt words per entropy: 1 float32, 2 float64), mask uint8 (0/1), corr
     bool, gid int64 dense group ids < n_groups. Per-row diagnostics: row_i[r] = (length,
-    high-entropy tokens, covered tokens, shared ones), row_f[r, 1] = sum of the covered tokens'
+    high-entropy tokens, covered tokens, shared ones), row_w[r] = sum of the covered tokens'
     weights; glob = (segment tokens, clusters correct-only, incorrect-only, shared).
     Returns 0, or 1 if the mask is not left-aligned.
     """
@@ -531,8 +533,7 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
         row_i[r, 1] = 0
         row_i[r, 2] = 0
         row_i[r, 3] = 0
-        row_f[r, 0] = 0.0
-        row_f[r, 1] = 0.0
+        row_w[r] = 0.0
     glob[:] = 0
     # Rows of each group (counting sort, rows ascending within a group).
     g_cnt = np.zeros(n_groups + 1, np.int64)
@@ -571,9 +572,9 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
     for i in range(1, t_len + 1):
         pw[i] = pw[i - 1] * base
         inv[i] = inv[i - 1] * base_inv
-    seg = np.empty((5, max_seg + 1), np.int64)
+    seg = np.empty((max_seg + 1, 5), np.int64)
     hp = np.empty(max_tok + max_seg, np.uint64)
-    key = np.empty((11, max_seg), np.int64)
+    key = np.empty((max_seg, 11), np.int64)
     key_full = np.empty(max_seg, np.uint64)
     kw = np.empty(max_seg, np.float32)
     len_cnt = np.empty(t_len + 2, np.int64)
@@ -589,7 +590,7 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
     cmask = np.empty(max_words, np.uint64)
     aw = np.empty(max_rows + 1, np.float32)
     ae = np.empty(max_rows + 1, np.int64)
-    occ = np.empty((3, 2 * max_tok + 16), np.int64)
+    occ = np.empty((3, occ_room * max_tok + 1), np.int64)  # grown when a group needs more
     one = np.float32(1.0)
     zero = np.float32(0.0)
 
@@ -631,5 +632,5 @@ def less_kernel(tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, 
                 cmask[(i - r0) >> 6] |= _ONE << np.uint64((i - r0) & 63)
         n_cl = _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copies, hmask, kmask, kw, glob)
         if n_cl:
-            _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_f)
+            _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_w)
     return 0

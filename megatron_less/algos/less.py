@@ -53,6 +53,9 @@ from .span_match import (
 )
 
 
+# Occurrences the kernel first makes room for, per segment token (a group that needs more is
+# scanned again with enough room).
+_OCC_ROOM = 2
 # Which implementation runs: "auto" (numba when importable, else numpy), "numba" or "numpy".
 BACKEND = os.environ.get("MLESS_LESS_BACKEND", "auto")
 _numba_module = None  # None: not tried yet; False: numba not importable
@@ -194,7 +197,7 @@ def _less_compiled(nb, tok, ent, mask, corr, gid, mu, quantile, want_stats):
     n_groups = int(gid.max()) + 1 if b else 0
     weights = np.empty((b, t), dtype=np.float32)
     row_i = np.empty((b, 4), dtype=np.int64)  # length, high tokens, covered, shared
-    row_f = np.empty((b, 2), dtype=np.float64)  # (unused), weight of the covered tokens
+    row_w = np.empty(b, dtype=np.float64)  # weight of the covered tokens
     glob = np.empty(4, dtype=np.int64)  # segment tokens, clusters per kind
     status = nb.less_kernel(
         tok.reshape(-1),
@@ -208,9 +211,10 @@ def _less_compiled(nb, tok, ent, mask, corr, gid, mu, quantile, want_stats):
         float(quantile),
         np.uint64(sm._BASE % (1 << 64)),
         np.uint64(pow(sm._BASE, -1, 1 << 64)),  # the base is odd: invertible mod 2**64
+        _OCC_ROOM,
         weights.reshape(-1),
         row_i,
-        row_f,
+        row_w,
         glob,
     )
     if status:
@@ -223,7 +227,7 @@ def _less_compiled(nb, tok, ent, mask, corr, gid, mu, quantile, want_stats):
     shaped = (n_c[gid] > 0) & (n_w[gid] > 0)
     with np.errstate(divide="ignore"):
         default = np.where(shaped, np.where(corr, 1.0 / n_c[gid], 1.0 / n_w[gid]), 1.0).astype(np.float32)
-    n_high, covered, w_covered = row_i[:, 1], row_i[:, 2], row_f[:, 1]
+    n_high, covered, w_covered = row_i[:, 1], row_i[:, 2], row_w
     # Valid tokens weigh 1 (high), their response's default (low, uncovered) or the covering
     # cluster's weight, and covered tokens are segment tokens, which are low.
     w_sum = n_high + (lengths - n_high - covered) * default.astype(np.float64) + w_covered
