@@ -2,6 +2,11 @@
 
 One 4-process gloo job runs every case at every TP size (TP2 = groups {0,1} and {2,3}) and
 returns outputs, gradient shards and communication counts; the tests assert on them.
+
+Padded cases: a real vocabulary of 250 padded as Megatron does (a multiple of 128*TP: 256 at
+TP1/2, 512 at TP4 - where rank 1 is part padding and ranks 2, 3 all padding), the padding
+filled with junk larger than every real logit so that any leak shows; the references see only
+the real columns.
 """
 
 import pytest
@@ -19,24 +24,42 @@ CASES = {
     "bf16": ((3, 11), 1.7, 4, torch.bfloat16, {}),
     # confident tokens (p_t up to 1 - 1e-7): where 1 - p_t and low entropies cancel in fp32
     "peaked": ((40,), 0.8, 7, torch.float32, {"peaked": True}),
+    "padded": ((8, 5), 0.8, 4, torch.float32, {"peaked": True, "vocab": 250}),
+    "padded_bf16": ((9,), 1.3, None, torch.bfloat16, {"vocab": 250}),
 }
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "send", "recv", "barrier")
 
 
-def _case(name):
+def _padded(vocab, tp):
+    m = 128 * tp
+    return -(-vocab // m) * m
+
+
+def _case(name, tp=1):
+    """Logits of the whole (for padded cases: padded for this TP) vocabulary; the real columns,
+    targets and upstream gradients do not depend on tp."""
     shape, temp, chunk, dtype, extra = CASES[name]
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     n = int(torch.tensor(shape).prod())
-    x = torch.randn(n, V, generator=g) * 3 + 20  # offset: nothing may rely on logits near 0
-    t = torch.randint(0, V, (n,), generator=g)
-    t[:4] = torch.arange(4) * (V // 4) + 7  # a target on every TP4 shard
+    v = extra.get("vocab", V)
+    x = torch.randn(n, v, generator=g) * 3 + 20  # offset: nothing may rely on logits near 0
+    t = torch.randint(0, v, (n,), generator=g)
+    t[:4] = torch.arange(4) * (v // 4) + 7  # a target on every TP4 shard (real ones if padded)
     if extra.get("peaked"):
         x[torch.arange(n), torch.arange(n)] += torch.linspace(4, 16, n) / temp
         t[4::2] = torch.arange(4, n, 2)  # half the targets are the argmax
-    x = x.to(dtype).view(*shape, V)
     gl, gh = torch.randn(2, n, generator=g).view(2, *shape)
+    if "vocab" in extra:  # junk above every real logit: a leak into max, sums or entropy shows
+        junk = torch.randn(n, _padded(v, 4) - v, generator=g) + 30
+        x = torch.cat([x, junk[:, : _padded(v, tp) - v]], -1)
+    x = x.to(dtype).view(*shape, x.shape[-1])
     return x, t.view(shape), gl, gh, temp, chunk
+
+
+def _vocab(name):
+    """The real vocabulary size of a case: its reference, and the op's vocab_size (None: V)."""
+    return CASES[name][4].get("vocab")
 
 
 def _bits(t):
@@ -62,11 +85,11 @@ def _job():
 
     out = {}
     for name in CASES:
-        x_full, t, gl, gh, temp, chunk = _case(name)
         for tp in TPS:
+            x_full, t, gl, gh, temp, chunk = _case(name, tp)
             x = x_full.chunk(tp, -1)[rank % tp].clone()
             before = _bits(x)
-            kw = dict(tp_group=groups[tp], temperature=temp, chunk_size=chunk)
+            kw = dict(tp_group=groups[tp], temperature=temp, chunk_size=chunk, vocab_size=_vocab(name))
 
             def grad_of(loss_fn, x=x, t=t, kw=kw, **extra):
                 xx = x.detach().clone().requires_grad_()
@@ -122,6 +145,7 @@ def refs():
     out = {}
     for name in CASES:
         x, t, gl, gh, temp, _ = _case(name)
+        x = x[..., : _vocab(name) or V]  # the real columns only
         lp, h = _reference(x, t, temp)
         out[name] = dict(
             lp=lp, h=h,
@@ -167,7 +191,22 @@ def test_values_match_float64(runs, refs, name, tp):
 def test_gradients_match_float64(runs, refs, name, tp):
     dtype = CASES[name][3]
     for what in ("grad", "grad_lponly", "grad_entonly"):
-        _assert_grad_close(_gathered(runs, (name, tp), tp, what), refs[name][what], dtype)
+        got = _gathered(runs, (name, tp), tp, what)
+        _assert_grad_close(got[..., : _vocab(name) or V], refs[name][what], dtype)
+
+
+PADDED = [(name, tp) for name, tp in PARAMS if _vocab(name)]
+
+
+@pytest.mark.parametrize("name,tp", PADDED)
+def test_padding_columns_get_exactly_zero_gradient(runs, name, tp):
+    vocab = _vocab(name)
+    assert _gathered(runs, (name, tp), tp, "grad").shape[-1] == _padded(vocab, tp)
+    for what in ("grad", "grad_noent", "grad_lponly", "grad_entonly"):
+        pad = _gathered(runs, (name, tp), tp, what)[..., vocab:]
+        assert pad.numel() > 0 and not pad.any(), what
+    if tp == 4:  # ranks 2 and 3 hold nothing but padding
+        assert not runs[2][(name, 4)]["grad"].any() and not runs[3][(name, 4)]["grad"].any()
 
 
 @pytest.mark.parametrize("name,tp", PARAMS)
@@ -237,17 +276,46 @@ def test_shapes_and_arguments():
         op(x, t[:, :2])
     with pytest.raises(TypeError):
         op(x.long(), t)
+    for bad in (0, 11):  # vocab_size: in [1, V]
+        with pytest.raises(ValueError):
+            op(x, t, vocab_size=bad)
+    xx = x.clone().requires_grad_()
+    lp, h = op(xx, t, vocab_size=10)  # the whole vocabulary: the same as None, bit for bit
+    (lp + h).sum().backward()
+    x2 = x.clone().requires_grad_()
+    lp2, h2 = op(x2, t)
+    (lp2 + h2).sum().backward()
+    assert torch.equal(lp, lp2) and torch.equal(h, h2) and torch.equal(xx.grad, x2.grad)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["temperature_odd_chunk", "bf16", "peaked"])
+@pytest.mark.parametrize("name", ["temperature_odd_chunk", "bf16", "peaked", "padded", "padded_bf16"])
 def test_fused_kernels_match_float64(refs, name):
     """The torch.compile path (CUDA's default) through CPU inductor: ~15 s of compiling."""
     x, t, gl, gh, temp, chunk = _case(name)
     xx = x.clone().requires_grad_()
-    lp, h = op(xx, t, temperature=temp, chunk_size=chunk, fused=True)
+    lp, h = op(xx, t, temperature=temp, chunk_size=chunk, fused=True, vocab_size=_vocab(name))
     (lp * gl + h * gh).sum().backward()
     for got, ref in ((lp, refs[name]["lp"]), (h, refs[name]["h"])):
         assert ((got.double() - ref).abs() / ref.abs()).max() < 1e-6
-    _assert_grad_close(xx.grad, refs[name]["grad"], CASES[name][3])
+    vocab = _vocab(name) or V
+    _assert_grad_close(xx.grad[..., :vocab], refs[name]["grad"], CASES[name][3])
+    assert not xx.grad[..., vocab:].any()
     assert torch.equal(_bits(xx.detach()), _bits(x))
+
+
+@pytest.mark.slow
+def test_fused_kernels_do_not_recompile_per_vocab_size():
+    """The real-column count is a tensor argument: new values (and widths) reuse the kernels."""
+    from torch._dynamo.utils import counters
+
+    def call(width, vocab_size, n):
+        x = torch.randn(n, width, requires_grad=True)
+        lp, h = op(x, torch.randint(0, vocab_size or width, (n,)), fused=True, vocab_size=vocab_size)
+        (lp + h).sum().backward()
+
+    call(256, 250, 9)  # compiles (or reuses the kernels of the tests above)
+    graphs = counters["stats"]["unique_graphs"]
+    for width, vocab_size, n in ((256, 200, 9), (384, 300, 17), (384, None, 5), (256, 129, 9)):
+        call(width, vocab_size, n)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -40,6 +40,18 @@ each into one or two kernels that read the logits and keep the rest in registers
 workspace, so no chunking. Either way: beyond the input, O(T) stats (and the gradient in
 backward). The input is never written. Targets outside [0, V) give a meaningless log-prob
 (z_t = 0); mask such tokens out of the loss as usual.
+
+Padded vocabulary. Megatron pads V to a multiple of 128 * TP; the padded columns are real
+columns of the logits (0 after a checkpoint load) but not tokens. ``vocab_size`` = the real V:
+global ids >= vocab_size are left out of everything - max, sums, entropy - and get a zero
+gradient, without copying the logits. Rank r sees only its first valid_r = clamp(vocab_size -
+r Vr, 0, Vr) columns: the eager path reads x[:, :valid_r] into its workspace (the rest of the
+gradient is zeroed once); the fused kernels take valid_r as a tensor (no recompile per value)
+and mask with a column < valid_r select. A rank whose whole shard is padding (valid_r = 0, e.g.
+V = 250 at TP4 in shards of 128: ranks 2 and 3) runs no kernel and contributes m_r = -inf,
+S0_r = S1_r = 0 to the all-gather: w_r = 0, and its shift (m_r - M) = -inf is replaced by 0
+before it multiplies S0_r = 0 (-inf * 0 would be NaN). Targets >= vocab_size are invalid like
+those outside [0, V): z_t = 0 and no gradient is written for them.
 """
 
 from __future__ import annotations
@@ -66,23 +78,32 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _local_target(target: torch.Tensor, rank: int, vr: int):
+def _local_target(target: torch.Tensor, rank: int, vr: int, valid: int):
+    """Local column of the target (clamped into the shard) and whether this rank owns it: only
+    real columns (< valid) count, so a target in the padding writes no gradient anywhere."""
     local = target - rank * vr
-    owned = (local >= 0) & (local < vr)
+    owned = (local >= 0) & (local < valid)
     return local.clamp(0, vr - 1).unsqueeze(-1), owned
+
+
+def _valid_columns(vocab_size: int | None, rank: int, vr: int) -> int:
+    """How many of this rank's columns are real tokens (the rest is vocabulary padding)."""
+    if vocab_size is None:
+        return vr
+    return min(max(vocab_size - rank * vr, 0), vr)
 
 
 # Per-token stats columns: max x, S0, S0 with the exact 1s dropped, S1 (all relative to the local
 # max), x_t. frac() zeroes exp(0) = 1 at the max (and at ties): S0 - 1 stays accurate when S0 ~ 1.
 
 
-def _stats_eager(x, tgt, temperature, chunk, with_entropy):
-    n, vr = x.shape
+def _stats_eager(x, tgt, temperature, chunk, with_entropy, valid):
+    n = x.shape[0]
     stats = torch.zeros(n, 5, dtype=torch.float32, device=x.device)
-    d = torch.empty(min(chunk, n), vr, dtype=torch.float32, device=x.device)
+    d = torch.empty(min(chunk, n), valid, dtype=torch.float32, device=x.device)
     e = torch.empty_like(d)
     for s in range(0, n, chunk):
-        xc = x[s : s + chunk]
+        xc = x[s : s + chunk, :valid]  # the real columns only: a strided view, no copy
         k = xc.shape[0]
         dc, ec, st = d[:k], e[:k], stats[s : s + k]
         dc.copy_(xc)  # upcast first: mixed-dtype ops make hidden fp32 copies on CPU
@@ -96,34 +117,42 @@ def _stats_eager(x, tgt, temperature, chunk, with_entropy):
         st[:, 2] = ec.frac_().sum(-1)
         if with_entropy:
             st[:, 3] = dc.mul_(ec).sum(-1)  # the 1s had d = 0: nothing lost
-        st[:, 4] = xc.gather(-1, tgt[s : s + k]).squeeze(-1).float()
+        st[:, 4] = x[s : s + k].gather(-1, tgt[s : s + k]).squeeze(-1).float()
     return stats
 
 
-def _stats_fused(x, tgt, inv_t):
+def _real(x, consts):
+    """[Vr] mask of this shard's real (non-padding) columns; consts[2] holds their count."""
+    return torch.arange(x.shape[-1], device=x.device) < consts[2]
+
+
+def _stats_fused(x, tgt, consts):
     z = x.float()
-    mx = z.amax(-1, keepdim=True)
-    d = _times(z - mx, inv_t)
+    real = _real(x, consts)
+    mx = torch.where(real, z, -torch.inf).amax(-1, keepdim=True)
+    d = torch.where(real, _times(z - mx, consts), -torch.inf)  # padding: exp(d) = 0
     e = torch.exp(d)
     f = torch.frac(e)
     # float64 accumulators: free in a fused reduction, and a compiled reduction sums in a
     # plain per-lane loop (CPU) rather than torch.sum's cascade - 1e-6 off at 4k+ terms
-    sums = [v.double().sum(-1, keepdim=True) for v in (e, f, d * f)]
+    sums = [v.double().sum(-1, keepdim=True) for v in (e, f, torch.where(real, d * f, 0.0))]
     return torch.cat([mx.double()] + sums + [x.gather(-1, tgt).double()], -1)
 
 
-def _grad_eager(x, big_c, a, b, temperature, chunk):
-    """p * (a + b l) with l = (x - C) / T, p = exp(l); b None: p * a."""
+def _grad_eager(x, big_c, a, b, temperature, chunk, valid):
+    """p * (a + b l) with l = (x - C) / T, p = exp(l); b None: p * a. Zero past column valid."""
     n, vr = x.shape
     grad = torch.empty_like(x)
+    if valid < vr:
+        grad[:, valid:].zero_()
     fp32 = x.dtype == torch.float32
-    l_buf = torch.empty(min(chunk, n), vr, dtype=torch.float32, device=x.device)
+    l_buf = torch.empty(min(chunk, n), valid, dtype=torch.float32, device=x.device)
     p_buf = None if fp32 else torch.empty_like(l_buf)
     for s in range(0, n, chunk):
-        xc = x[s : s + chunk]
+        xc = x[s : s + chunk, :valid]
         k = xc.shape[0]
         lc = l_buf[:k]
-        pc = grad[s : s + k] if fp32 else p_buf[:k]
+        pc = grad[s : s + k, :valid] if fp32 else p_buf[:k]
         lc.copy_(xc).sub_(big_c[s : s + k])
         if temperature != 1.0:
             lc.div_(temperature)
@@ -133,29 +162,32 @@ def _grad_eager(x, big_c, a, b, temperature, chunk):
         else:
             pc.mul_(a[s : s + k])
         if not fp32:
-            grad[s : s + k].copy_(pc)
+            grad[s : s + k, :valid].copy_(pc)
     return grad
 
 
-def _grad_fused(x, big_c, a, b, inv_t):
-    l = _times(x.float() - big_c, inv_t)
-    return (torch.exp(l) * (a + b * l)).to(x.dtype)
+def _grad_fused(x, big_c, a, b, consts):
+    l = _times(x.float() - big_c, consts)
+    # a select, not a multiply: exp of a junk padding column may be inf
+    return torch.where(_real(x, consts), torch.exp(l) * (a + b * l), 0.0).to(x.dtype)
 
 
 _compiled: dict = {}
 
 
-def _inv_t(temperature: float, like: torch.Tensor) -> torch.Tensor:
-    """1/T as an fp32 pair hi + lo, a tensor so that no value of T recompiles. Compilers turn
-    / T into * fl(1/T), a *systematic* relative error that exp amplifies by |z| (1e-6 at
-    |z| ~ 20); (v * hi + v * lo) is as good as a correctly rounded division."""
+def _consts(temperature: float, valid: int, like: torch.Tensor) -> torch.Tensor:
+    """The fused kernels' scalars, one fp32 tensor so that no value recompiles and one copy
+    reaches the device: [hi, lo, valid]. 1/T as a pair hi + lo: compilers turn / T into
+    * fl(1/T), a *systematic* relative error that exp amplifies by |z| (1e-6 at |z| ~ 20);
+    (v * hi + v * lo) is as good as a correctly rounded division. valid: the count of real
+    columns (exact in fp32 below 2^24)."""
     hi = torch.tensor(1.0 / temperature, dtype=torch.float32)
     lo = torch.tensor(1.0 / temperature - hi.double().item(), dtype=torch.float32)
-    return torch.stack([hi, lo]).to(like.device)
+    return torch.stack([hi, lo, torch.tensor(float(valid))]).to(like.device)
 
 
-def _times(v, inv_t):
-    return v * inv_t[0] + v * inv_t[1]
+def _times(v, consts):
+    return v * consts[0] + v * consts[1]  # consts[:2]: 1/T as hi + lo
 
 
 def _fused(fn):
@@ -201,14 +233,19 @@ def _run(fused, fused_fn, eager_fn, eager_args, fused_args, chunk):
 
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad, fused):
+    def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad, fused, vocab_size):
         ctx.set_materialize_grads(False)
         vr = x.shape[-1]
         tp, rank = _group_info(group)
-        tgt, owned = _local_target(target, rank, vr)
-        stats = _run(fused, _stats_fused, _stats_eager,
-                     (x, tgt, temperature, chunk, with_entropy), (x, tgt, _inv_t(temperature, x)), chunk).double()
-        ones = torch.round(stats[:, 1] - stats[:, 2])  # >= 1: the max and its ties
+        valid = _valid_columns(vocab_size, rank, vr)
+        tgt, owned = _local_target(target, rank, vr, valid)
+        if valid == 0:  # all padding: no max, empty sums (S0 - 1 = -1 below, w_r = 0 in the merge)
+            stats = x.new_zeros(x.shape[0], 5, dtype=torch.float64)
+            stats[:, 0] = -torch.inf
+        else:
+            stats = _run(fused, _stats_fused, _stats_eager, (x, tgt, temperature, chunk, with_entropy, valid),
+                         (x, tgt, _consts(temperature, valid, x)), chunk).double()
+        ones = torch.round(stats[:, 1] - stats[:, 2])  # >= 1 (the max and its ties); 0 if valid = 0
         stats = torch.stack([stats[:, 0], stats[:, 2] + (ones - 1), stats[:, 3],
                              torch.where(owned, stats[:, 4], 0.0)], -1)
         if tp > 1:
@@ -221,6 +258,7 @@ class _LogprobEntropy(torch.autograd.Function):
         big_mx = mx.amax(0)
         shift = (mx - big_mx) / temperature  # m_r - M
         w = torch.exp(shift)  # exactly 1 on the rank(s) holding the max
+        shift = torch.where(w > 0, shift, 0.0)  # w = 0 terms vanish; -inf (all padding) * 0 = NaN
         s0m1_sum = (w * s0m1).sum(0) + (w.sum(0) - 1)
         log_s0 = torch.log1p(s0m1_sum)
         # not z_t - logZ: at the argmax this is exactly 0 - log_s0, however small
@@ -231,7 +269,7 @@ class _LogprobEntropy(torch.autograd.Function):
         else:
             ent = torch.zeros_like(log_s0)
 
-        ctx.temperature, ctx.chunk, ctx.rank, ctx.fused = temperature, chunk, rank, fused
+        ctx.temperature, ctx.chunk, ctx.rank, ctx.fused, ctx.valid = temperature, chunk, rank, fused, valid
         ctx.entropy_grad = with_entropy and entropy_grad
         ctx.save_for_backward(x, target, big_mx, log_s0, ent, logprob)
         out_lp, out_h = logprob.float(), ent.float()
@@ -245,9 +283,11 @@ class _LogprobEntropy(torch.autograd.Function):
         if not ctx.entropy_grad:
             g_h = None
         if g_lp is None and g_h is None:
-            return (None,) * 8
-        t = ctx.temperature
-        tgt, owned = _local_target(target, ctx.rank, x.shape[-1])
+            return (None,) * 9
+        if ctx.valid == 0:
+            return (torch.zeros_like(x),) + (None,) * 8
+        t, valid = ctx.temperature, ctx.valid
+        tgt, owned = _local_target(target, ctx.rank, x.shape[-1], valid)
         g = g_lp.double() if g_lp is not None else torch.zeros_like(ent)
         h = g_h.double() if g_h is not None else torch.zeros_like(ent)
         # l = z - logZ = (x - C) / T - c_lo with C = fp32(T logZ): x - C is exact near the top
@@ -259,13 +299,13 @@ class _LogprobEntropy(torch.autograd.Function):
         b = (-h * corr / t).float().unsqueeze(-1)
         big_c = big_c.unsqueeze(-1)
         grad = _run(ctx.fused, _grad_fused, _grad_eager,
-                    (x, big_c, a, b if g_h is not None else None, t, ctx.chunk),
-                    (x, big_c, a, b, _inv_t(t, x)), ctx.chunk)
+                    (x, big_c, a, b if g_h is not None else None, t, ctx.chunk, valid),
+                    (x, big_c, a, b, _consts(t, valid, x)), ctx.chunk)
         # The target's entry from float64: 1 - p_t = -expm1(logprob) cancels in fp32 when p_t ~ 1.
         at_t = (-g * torch.expm1(logprob) - h * torch.exp(logprob) * (logprob + ent)) / t
         rows = owned.nonzero().squeeze(-1)
         grad[rows, tgt[rows, 0]] = at_t[rows].to(grad.dtype)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprob_entropy(
@@ -278,6 +318,7 @@ def vocab_parallel_logprob_entropy(
     with_entropy: bool = True,
     entropy_grad: bool = True,
     fused: bool | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``target`` and entropy of softmax(logits / temperature), float32, shape [...].
 
@@ -289,6 +330,9 @@ def vocab_parallel_logprob_entropy(
     ``fused``: torch.compile'd kernels (None: on CUDA when triton is importable). ``chunk_size``
     tokens are processed at a time (eager default: 1 MiB fp32 buffers on CPU, 256 MiB on CUDA;
     fused default: all tokens at once, as it needs no workspace).
+    ``vocab_size``: the real vocabulary size when the V columns include padding (Megatron pads V
+    to a multiple of 128 * TP): global ids >= vocab_size are no tokens - left out of logZ and
+    entropy, zero gradient - and are invalid targets. None: every column is a token.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -298,15 +342,20 @@ def vocab_parallel_logprob_entropy(
         raise ValueError(f"target shape {tuple(target.shape)} != logits shape {tuple(logits.shape[:-1])}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    vr = logits.shape[-1]
+    if vocab_size is not None:
+        total = _group_info(tp_group)[0] * vr
+        if not 0 < vocab_size <= total:
+            raise ValueError(f"vocab_size must be in [1, {total}] (the padded vocabulary), got {vocab_size}")
+        vocab_size = None if vocab_size == total else int(vocab_size)
     if fused is None and not fused_available(logits.device):
         fused = False
-    vr = logits.shape[-1]
     lead = logits.shape[:-1]
     x = logits.reshape(-1, vr)
     if x.shape[0] == 0:
         empty = logits.new_zeros(lead, dtype=torch.float32)
         return empty, (empty.clone() if with_entropy else None)
     chunk = chunk_size or (x.shape[0] if fused is not False else default_chunk_size(vr, logits.device))
-    args = (tp_group, float(temperature), int(chunk), with_entropy, entropy_grad, fused)
+    args = (tp_group, float(temperature), int(chunk), with_entropy, entropy_grad, fused, vocab_size)
     lp, ent = _LogprobEntropy.apply(x, target.reshape(-1).long(), *args)
     return lp.view(lead), (ent.view(lead) if with_entropy else None)
