@@ -58,6 +58,9 @@ _B2 = np.uint64(0x3333333333333333)
 _B4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
 _DIGIT = 11  # bits per radix-selection pass
+_BITMAP_EXTRA = 4  # the head bitmap has 16 bits per head-table slot
+_S6 = np.uint64(6)
+_LOW6 = np.uint64(63)
 
 
 @_jit
@@ -166,11 +169,17 @@ def _table_bits(n):
 
 # Fields of the per-group tables seg[s, field] (segments) and key[k, field] (distinct segments).
 S_ROW, S_FLAT, S_LEN, S_TOFF, S_KEY = range(5)
-K_SEG, K_LEN, K_NEXT, K_LSEG, K_LPOS, K_PERD, K_PEROK, K_CP0, K_CP1, K_CARR, K_KIND = range(11)
-# K_SEG: the host (first copy); K_NEXT: next key with the same head, longer; K_LSEG, K_LPOS: last
-# confirmed occurrence; K_PERD, K_PEROK: last period tested and its outcome; copies of the key are
-# copies[K_CP0:K_CP1]; K_CARR: carriers; K_KIND: 0 no cluster, 1 correct-only, 2 incorrect-only,
-# 3 shared.
+K_SEG, K_LEN, K_NEXT, K_PAR, K_LSEG, K_LPOS, K_PERD, K_PEROK = range(8)
+K_CP0, K_CP1, K_STAMP, K_KIND, K_SHLEN, K_WTOP, K_WNEXT = range(8, 15)
+N_KEY_FIELDS = 15
+# K_SEG: the host (first copy); K_NEXT: next key with the same head hash, not shorter; K_PAR: the
+# longest key that is a proper prefix of this one (-1 if none); K_LSEG, K_LPOS: last confirmed
+# occurrence as a longest match; K_PERD, K_PEROK: last period tested and its outcome; copies of the
+# key are copies[K_CP0:K_CP1]; K_STAMP: last host whose carriers were added; K_KIND: 0 no cluster,
+# 1 correct-only, 2 incorrect-only, 3 shared; K_SHLEN: length of the longest shared cluster among
+# the key and its prefixes (0 if none); K_WTOP, K_WNEXT: the weighted clusters among the key and
+# its prefixes that can decide a token (longest first, each of a larger weight than the longer
+# ones): K_WTOP the first, K_WNEXT the one after this one (-1 ends).
 
 
 @_jit
@@ -212,7 +221,7 @@ def _response(ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, edges, weight
 
 
 @_jit
-def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, key, key_full, len_cnt, by_len):
+def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, bitmap, key, key_full, len_cnt, by_len, chain):
     """Prefix hashes of the segments (segment s's at hp[toff + s:], hp[i] = sum of x_j * BASE**-j
     over its first i tokens, so the window at j of length L hashes to (hp[j + L] - hp[j]) * BASE**j
     wherever it sits), distinct keys (equal segments
@@ -269,10 +278,14 @@ def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, key, key_fu
     for kk in range(nk):
         len_cnt[key[kk, K_LEN]] -= 1
         by_len[len_cnt[key[kk, K_LEN]]] = kk
+    bshift = np.uint64(64 - tbits - _BITMAP_EXTRA)
+    bitmap[: 1 << max(tbits + _BITMAP_EXTRA - 6, 0)] = 0
     for ii in range(nk):
         kk = by_len[ii]
         p = seg[key[kk, K_SEG], S_TOFF] + key[kk, K_SEG]
         head = hp[p + mu] - hp[p]
+        bit = (head * _M2) >> bshift
+        bitmap[bit >> _S6] |= _ONE << (bit & _LOW6)
         slot = np.int64((head * _M2) >> tshift)
         while h_first[slot] >= 0 and h_hash[slot] != head:
             slot = (slot + 1) & tmask
@@ -282,15 +295,43 @@ def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, key, key_fu
         else:
             key[kk, K_NEXT] = h_first[slot]
         h_first[slot] = kk
+    # Prefix links: every key that occurs at a position is a prefix of the longest one that does,
+    # so the scan keeps only the longest and the links give the rest. Candidates share the head,
+    # hence the chain; a hash proposes, a token-by-token comparison confirms.
+    for kk in range(nk):
+        key[kk, K_PAR] = -1
+    for slot in range(1 << tbits):
+        n = 0
+        kk = h_first[slot]
+        while kk >= 0:
+            chain[n] = kk
+            n += 1
+            kk = key[kk, K_NEXT]
+        for c in range(1, n):
+            kk = chain[c]
+            kl = key[kk, K_LEN]
+            hs_ = key[kk, K_SEG]
+            p = seg[hs_, S_TOFF] + hs_
+            for d in range(c - 1, -1, -1):
+                cand = chain[d]
+                cl = key[cand, K_LEN]
+                if cl == kl:
+                    continue
+                if hp[p + cl] - hp[p] == key_full[cand] and _equal(
+                    tok, seg[key[cand, K_SEG], S_FLAT], seg[hs_, S_FLAT], cl
+                ):
+                    key[kk, K_PAR] = cand
+                    break
     return nk
 
 
 @_jit
-def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full, occ):
-    """Step 5's search for one group: every occurrence occ[:, i] = (key, host, offset) of a key
-    inside a host (the first copy of each distinct segment: what holds there holds in every copy),
-    confirmed token by token, in (host, offset) order. Returns the number of occurrences; only the
-    first occ.shape[1] are stored (the caller retries with more room)."""
+def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, bitmap, hits, key, key_full, cand, occ):
+    """Step 5's search for one group: at every position of every host (the first copy of each
+    distinct segment: what holds there holds in every copy), the longest key occurring there,
+    confirmed token by token, as occ[:, i] = (key, host, offset) in (host, offset) order; the keys
+    that are its prefixes occur there too (prefix links). Returns the number of occurrences; only
+    the first occ.shape[1] are stored (the caller retries with more room)."""
     cap = occ.shape[1]
     for kk in range(nk):
         key[kk, K_LSEG] = -1
@@ -299,6 +340,7 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full,
         key[kk, K_PEROK] = 0
     tmask = (1 << tbits) - 1
     tshift = np.uint64(64 - tbits)
+    bshift = np.uint64(64 - tbits - _BITMAP_EXTRA)
     n_occ = 0
     for s in range(nseg):
         own = seg[s, S_KEY]
@@ -309,7 +351,14 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full,
         f = seg[s, S_FLAT]
         hs = hp[p : p + ln + 1]
         hm = hp[p + mu : p + ln + 1]
+        # Positions whose head hash is in the bitmap (no branch per position), then those only.
+        nh = 0
         for j in range(ln - mu + 1):
+            bit = (((hm[j] - hs[j]) * pw[j]) * _M2) >> bshift
+            hits[nh] = j
+            nh += (bitmap[bit >> _S6] >> (bit & _LOW6)) & _ONE
+        for hi in range(nh):
+            j = hits[hi]
             pj = pw[j]
             hj = hs[j]
             gh = (hm[j] - hj) * pj
@@ -318,45 +367,57 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full,
             while kk >= 0 and h_hash[slot] != gh:
                 slot = (slot + 1) & tmask
                 kk = h_first[slot]
+            # Keys of this head that fit and whose hash matches, shortest first.
             room = ln - j
+            nc = 0
             while kk >= 0:
                 kl = key[kk, K_LEN]
                 if kl > room:
                     break
                 if (hs[j + kl] - hj) * pj == key_full[kk]:
-                    kf = seg[key[kk, K_SEG], S_FLAT]
-                    if j == 0 and own == kk:
-                        ok = True
-                    elif key[kk, K_LSEG] == s and j - key[kk, K_LPOS] < kl:
-                        # Chained: K occurs at j - dd (confirmed) with dd < |K|, so K occurs at j
-                        # iff K has period dd and the dd tokens after that occurrence continue K.
-                        dd = j - key[kk, K_LPOS]
-                        if key[kk, K_PERD] != dd:
-                            key[kk, K_PERD] = dd
-                            key[kk, K_PEROK] = _equal(tok, kf + dd, kf, kl - dd)
-                        ok = key[kk, K_PEROK] != 0 and _equal(tok, f + j + kl - dd, kf + kl - dd, dd)
-                    else:
-                        ok = _equal(tok, f + j, kf, kl)
-                    if ok:
-                        key[kk, K_LSEG] = s
-                        key[kk, K_LPOS] = j
-                        if n_occ < cap:
-                            occ[0, n_occ] = kk
-                            occ[1, n_occ] = s
-                            occ[2, n_occ] = j
-                        n_occ += 1
+                    cand[nc] = kk
+                    nc += 1
                 kk = key[kk, K_NEXT]
+            # The longest one that really occurs.
+            while nc > 0:
+                nc -= 1
+                kk = cand[nc]
+                kl = key[kk, K_LEN]
+                kf = seg[key[kk, K_SEG], S_FLAT]
+                if j == 0 and own == kk:
+                    ok = True
+                elif key[kk, K_LSEG] == s and j - key[kk, K_LPOS] < kl:
+                    # Chained: K occurs at j - dd (confirmed) with dd < |K|, so K occurs at j iff K
+                    # has period dd and the dd tokens after that occurrence continue K.
+                    dd = j - key[kk, K_LPOS]
+                    if key[kk, K_PERD] != dd:
+                        key[kk, K_PERD] = dd
+                        key[kk, K_PEROK] = _equal(tok, kf + dd, kf, kl - dd)
+                    ok = key[kk, K_PEROK] != 0 and _equal(tok, f + j + kl - dd, kf + kl - dd, dd)
+                else:
+                    ok = _equal(tok, f + j, kf, kl)
+                if ok:
+                    key[kk, K_LSEG] = s
+                    key[kk, K_LPOS] = j
+                    if n_occ < cap:
+                        occ[0, n_occ] = kk
+                        occ[1, n_occ] = s
+                        occ[2, n_occ] = j
+                    n_occ += 1
+                    break
     return n_occ
 
 
 @_jit
-def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copies, hmask, kmask, kw, glob):
+def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, by_len, occ, n_occ, copies, hmask, kmask, kw, glob):
     """Step 5 for one group: each key's copies, carriers (the responses holding a copy of a host
-    where the key occurs: bit sets of `words` words over the group's responses, local[r] = bit of
-    row r, cmask = the correct ones), cluster kind and weight. Returns the number of clusters."""
+    where the key occurs, itself or as a prefix of a longest match: bit sets of `words` words over
+    the group's responses, local[r] = bit of row r, cmask = the correct ones), cluster kind and
+    weight, and what step 6 needs along the prefix links. Returns the number of clusters."""
     # Copies of each key, host first: copies[K_CP0:K_CP1] (counting sort of the segments by key).
     for kk in range(nk):
         key[kk, K_CP0] = 0
+        key[kk, K_STAMP] = -1
     for s in range(nseg):
         key[seg[s, S_KEY], K_CP0] += 1
     at = 0
@@ -374,10 +435,14 @@ def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copie
         hmask[kk, bit >> 6] |= _ONE << np.uint64(bit & 63)
     kmask[:nk, :words] = 0
     for i in range(n_occ):
+        h = occ[1, i]
+        hk = seg[h, S_KEY]
         kk = occ[0, i]
-        hk = seg[occ[1, i], S_KEY]
-        for w in range(words):
-            kmask[kk, w] |= hmask[hk, w]
+        while kk >= 0 and key[kk, K_STAMP] != h:  # the match and its prefixes, once per host
+            key[kk, K_STAMP] = h
+            for w in range(words):
+                kmask[kk, w] |= hmask[hk, w]
+            kk = key[kk, K_PAR]
     n_cl = 0
     for kk in range(nk):
         c = 0
@@ -387,21 +452,39 @@ def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copie
             cc += _popcount(kmask[kk, w] & cmask[w])
         kind = 0 if c < 2 else 1 if cc == c else 2 if cc == 0 else 3
         key[kk, K_KIND] = kind
-        key[kk, K_CARR] = c
         kw[kk] = np.float32(c / nc) if kind == 1 else np.float32(c / nw) if kind == 2 else np.float32(0.0)
         if kind:
             n_cl += 1
             glob[kind] += 1
+    # Along the prefix links, shortest keys first (a parent is shorter than its child).
+    for ii in range(nk - 1, -1, -1):
+        kk = by_len[ii]
+        par = key[kk, K_PAR]
+        kind = key[kk, K_KIND]
+        if kind == 3:
+            key[kk, K_SHLEN] = key[kk, K_LEN]
+        else:
+            key[kk, K_SHLEN] = key[par, K_SHLEN] if par >= 0 else 0
+        up = key[par, K_WTOP] if par >= 0 else -1
+        if kind == 1 or kind == 2:
+            while up >= 0 and kw[up] <= kw[kk]:
+                up = key[up, K_WNEXT]
+            key[kk, K_WNEXT] = up
+            key[kk, K_WTOP] = kk
+        else:
+            key[kk, K_WTOP] = up
     return n_cl
 
 
 @_jit
 def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_w):
-    """Step 6 for one group, host by host (occurrences come sorted by (host, offset) from the
-    scan), each result written into every copy of the host. A host reached by shared clusters only
-    gets the union of their occurrences zeroed; otherwise one sweep over its tokens gives each
-    token its verdict: 0 if a shared occurrence reaches it, else the largest weight among the
-    weighted occurrences reaching it (a short list of (weight, end) pairs, none dominated)."""
+    """Step 6 for one group, host by host (longest matches come sorted by (host, offset) from the
+    scan), each result written into every copy of the host. A longest match L at j stands for
+    every key that is a prefix of it: its shared reach is j + K_SHLEN(L), its weighted reaches the
+    K_WTOP/K_WNEXT list. A host reached by shared clusters only gets the union of their spans
+    zeroed; otherwise one sweep over its tokens gives each token its verdict: 0 if a shared span
+    reaches it, else the largest weight among the weighted spans reaching it (a short list of
+    (weight, end) pairs, none dominated by another)."""
     zero = np.float32(0.0)
     i = 0
     while i < n_occ:
@@ -409,8 +492,7 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
         i2 = i
         weighted = False
         while i2 < n_occ and occ[1, i2] == h:
-            kind = key[occ[0, i2], K_KIND]
-            weighted |= kind == 1 or kind == 2
+            weighted |= key[occ[0, i2], K_WTOP] >= 0
             i2 += 1
         hk = seg[h, S_KEY]
         ncp = key[hk, K_CP1] - key[hk, K_CP0]
@@ -424,12 +506,12 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
             ce = 0
             for ii in range(i, i2 + 1):
                 if ii < i2:
-                    kk = occ[0, ii]
-                    if key[kk, K_KIND] != 3:
+                    sl = key[occ[0, ii], K_SHLEN]
+                    if sl == 0:
                         continue
                     a = occ[2, ii]
                     if a <= ce:
-                        ce = max(ce, a + key[kk, K_LEN])
+                        ce = max(ce, a + sl)
                         continue
                 else:
                     a = -1
@@ -439,7 +521,7 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
                     n_sh += ce - cs
                 if a >= 0:
                     cs = a
-                    ce = a + key[kk, K_LEN]
+                    ce = a + sl
             n_cov = n_sh
         else:
             end_sh = 0
@@ -449,12 +531,11 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
             while True:
                 while ii < i2 and occ[2, ii] == pos:
                     kk = occ[0, ii]
-                    kind = key[kk, K_KIND]
-                    e = pos + key[kk, K_LEN]
-                    if kind == 3:
-                        end_sh = max(end_sh, e)
-                    elif kind:
-                        w = kw[kk]
+                    end_sh = max(end_sh, pos + key[kk, K_SHLEN])
+                    a_k = key[kk, K_WTOP]
+                    while a_k >= 0:
+                        w = kw[a_k]
+                        e = pos + key[a_k, K_LEN]
                         dominated = False
                         for q in range(na):
                             if aw[q] >= w and ae[q] >= e:
@@ -470,6 +551,7 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
                             aw[m] = w
                             ae[m] = e
                             na = m + 1
+                        a_k = key[a_k, K_WNEXT]
                     ii += 1
                 # Token pos of the host.
                 m = 0
@@ -574,15 +656,18 @@ def less_kernel(
         inv[i] = inv[i - 1] * base_inv
     seg = np.empty((max_seg + 1, 5), np.int64)
     hp = np.empty(max_tok + max_seg, np.uint64)
-    key = np.empty((max_seg, 11), np.int64)
+    key = np.empty((max_seg, N_KEY_FIELDS), np.int64)
     key_full = np.empty(max_seg, np.uint64)
     kw = np.empty(max_seg, np.float32)
     len_cnt = np.empty(t_len + 2, np.int64)
     by_len = np.empty(max_seg, np.int64)
+    chain = np.empty(max_seg, np.int64)
     tbits_max = _table_bits(max_seg)
     dtab = np.empty(1 << tbits_max, np.int64)
     h_hash = np.empty(1 << tbits_max, np.uint64)
     h_first = np.empty(1 << tbits_max, np.int64)
+    bitmap = np.empty(1 << max(tbits_max + _BITMAP_EXTRA - 6, 0), np.uint64)
+    hits = np.empty(t_len + 1, np.int64)
     copies = np.empty(max_seg, np.int64)
     cflat = np.empty(max_seg, np.int64)
     hmask = np.empty((max_seg, max_words), np.uint64)
@@ -619,9 +704,13 @@ def less_kernel(
         if nseg == 0:
             continue
         tbits = _table_bits(nseg)
-        nk = _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, key, key_full, len_cnt, by_len)
+        nk = _keys(
+            tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, bitmap, key, key_full, len_cnt, by_len, chain
+        )
         while True:
-            n_occ = _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, key, key_full, occ)
+            n_occ = _scan(
+                tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, bitmap, hits, key, key_full, chain, occ
+            )
             if n_occ <= occ.shape[1]:
                 break
             occ = np.empty((3, 2 * n_occ), np.int64)  # more occurrences than room: scan again
@@ -630,7 +719,9 @@ def less_kernel(
         for i in range(r0, r1):
             if corr[g_rows[i]]:
                 cmask[(i - r0) >> 6] |= _ONE << np.uint64((i - r0) & 63)
-        n_cl = _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, occ, n_occ, copies, hmask, kmask, kw, glob)
+        n_cl = _clusters(
+            nc, nw, words, local, cmask, seg, nseg, nk, key, by_len, occ, n_occ, copies, hmask, kmask, kw, glob
+        )
         if n_cl:
             _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_w)
     return 0
