@@ -45,13 +45,10 @@ def _jit(fn):
 _SIGN32 = np.uint64(0x80000000)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _SIGN64 = np.uint64(0x8000000000000000)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _SALT = np.uint64(0xD6E8FEB86659FD93)
 _ZERO = np.uint64(0)
 _ONE = np.uint64(1)
-_S29 = np.uint64(29)
-_S31 = np.uint64(31)
 _S32 = np.uint64(32)
 _B1 = np.uint64(0x5555555555555555)
 _B2 = np.uint64(0x3333333333333333)
@@ -133,15 +130,6 @@ def _select(kb, n, k, cb, hist, nbits):
 
 
 @_jit
-def _mix(t):
-    x = np.uint64(t)
-    x ^= x >> _S31
-    x *= _M1
-    x ^= x >> _S29
-    return x
-
-
-@_jit
 def _equal(tok, a, b, n):
     if a == b:
         return True
@@ -170,8 +158,8 @@ def _table_bits(n):
 # Fields of the per-group tables seg[s, field] (segments) and key[k, field] (distinct segments).
 S_ROW, S_FLAT, S_LEN, S_TOFF, S_KEY = range(5)
 K_SEG, K_LEN, K_NEXT, K_PAR, K_LSEG, K_LPOS, K_PERD, K_PEROK = range(8)
-K_CP0, K_CP1, K_STAMP, K_KIND, K_SHLEN, K_WTOP, K_WNEXT = range(8, 15)
-N_KEY_FIELDS = 15
+K_CP0, K_CP1, K_STAMP, K_KIND, K_SHLEN, K_WTOP, K_WNEXT, K_SLOT = range(8, 16)
+N_KEY_FIELDS = 16
 # K_SEG: the host (first copy); K_NEXT: next key with the same head hash, not shorter; K_PAR: the
 # longest key that is a proper prefix of this one (-1 if none); K_LSEG, K_LPOS: last confirmed
 # occurrence as a longest match; K_PERD, K_PEROK: last period tested and its outcome; copies of the
@@ -179,7 +167,7 @@ N_KEY_FIELDS = 15
 # 1 correct-only, 2 incorrect-only, 3 shared; K_SHLEN: length of the longest shared cluster among
 # the key and its prefixes (0 if none); K_WTOP, K_WNEXT: the weighted clusters among the key and
 # its prefixes that can decide a token (longest first, each of a larger weight than the longer
-# ones): K_WTOP the first, K_WNEXT the one after this one (-1 ends).
+# ones): K_WTOP the first, K_WNEXT the one after this one (-1 ends); K_SLOT: head-table slot.
 
 
 @_jit
@@ -236,7 +224,7 @@ def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, bitmap, key
         hp[p] = _ZERO
         h = _ZERO
         for j in range(ln):
-            h += _mix(ts[j]) * inv[j]
+            h += np.uint64(ts[j]) * inv[j]
             hs[j] = h
     tmask = (1 << tbits) - 1
     tshift = np.uint64(64 - tbits)
@@ -295,33 +283,31 @@ def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, bitmap, key
         else:
             key[kk, K_NEXT] = h_first[slot]
         h_first[slot] = kk
+        key[kk, K_SLOT] = slot
     # Prefix links: every key that occurs at a position is a prefix of the longest one that does,
     # so the scan keeps only the longest and the links give the rest. Candidates share the head,
     # hence the chain; a hash proposes, a token-by-token comparison confirms.
     for kk in range(nk):
         key[kk, K_PAR] = -1
-    for slot in range(1 << tbits):
+        c = h_first[key[kk, K_SLOT]]
+        if c == kk:
+            continue  # the shortest of its chain
+        kl = key[kk, K_LEN]
+        hk = key[kk, K_SEG]
+        p = seg[hk, S_TOFF] + hk
         n = 0
-        kk = h_first[slot]
-        while kk >= 0:
-            chain[n] = kk
-            n += 1
-            kk = key[kk, K_NEXT]
-        for c in range(1, n):
-            kk = chain[c]
-            kl = key[kk, K_LEN]
-            hs_ = key[kk, K_SEG]
-            p = seg[hs_, S_TOFF] + hs_
-            for d in range(c - 1, -1, -1):
-                cand = chain[d]
-                cl = key[cand, K_LEN]
-                if cl == kl:
-                    continue
-                if hp[p + cl] - hp[p] == key_full[cand] and _equal(
-                    tok, seg[key[cand, K_SEG], S_FLAT], seg[hs_, S_FLAT], cl
-                ):
-                    key[kk, K_PAR] = cand
-                    break
+        while c != kk:  # the keys before kk in its chain are not longer
+            cl = key[c, K_LEN]
+            if cl < kl and hp[p + cl] - hp[p] == key_full[c]:
+                chain[n] = c
+                n += 1
+            c = key[c, K_NEXT]
+        while n > 0:
+            n -= 1
+            c = chain[n]
+            if _equal(tok, seg[key[c, K_SEG], S_FLAT], seg[hk, S_FLAT], key[c, K_LEN]):
+                key[kk, K_PAR] = c
+                break
     return nk
 
 
