@@ -66,3 +66,20 @@ def test_eval_missing_model_is_named(tmp_path, capsys):
 
     assert main(["--model", str(tmp_path / "nope"), "--out-dir", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_eval_under_torchrun_tp2_matches_single_process(model_dirs, tmp_path, data_dir):
+    """examples/eval_math.sh with 2 ranks at TP2: one report (rank 0), same greedy responses."""
+    hf_dir, _ = model_dirs
+    _, single = _eval(["--model", str(hf_dir)], tmp_path / "one", data_dir)
+    env = dict(os.environ, MLESS_DATA_DIR=str(data_dir), PYTHONWARNINGS="ignore", MODEL=str(hf_dir),
+               GPUS="2", TP="2", N="2", MAX_TOKENS="6", TEMPERATURE="0", OUT_DIR=str(tmp_path / "tr"))
+    proc = subprocess.run(["bash", "examples/eval_math.sh", "--engine", "builtin", "--benchmarks", "aime24,amc23",
+                           "--limit", "2", "--no-bootstrap"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # only rank 0 scores and writes
+    multi = json.loads((tmp_path / "tr" / "eval_results.json").read_text())
+    resp = lambda rep: [s["response"] for b in ("aime24", "amc23")  # noqa: E731
+                        for it in rep["benchmarks"][b] for s in it["samples"]]
+    assert resp(multi) == resp(single)

@@ -98,8 +98,9 @@ def evaluate(
     tokenizer=None,
     data_dir: str | Path | None = None,
     limit: int | None = None,
+    score: bool = True,
     **score_kwargs,
-) -> dict:
+) -> dict | None:
     """Generate n responses per problem for each benchmark, then score them (one generate call
     over all prompts, so an engine can batch across benchmarks)."""
     from megatron_less.data.benchmarks import load_benchmark
@@ -118,6 +119,8 @@ def evaluate(
         by_bench[b] = out[pos : pos + len(ps)]
         pos += len(ps)
     meta = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, template=template)
+    if not score:  # other ranks of a torchrun job: generation is collective, scoring is not
+        return None
     return score_document(build_document(problems, by_bench, meta), **score_kwargs)
 
 
@@ -127,6 +130,12 @@ def save_report(report: dict, out_dir: str | Path, plot: bool = True) -> dict[st
     if plot:
         paths["png"] = plot_bars(out_dir / "eval_summary.png", report["metrics"], report["average"])
     return paths
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _on_gpu() -> bool:
@@ -152,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmarks",
         help="comma-separated names (default: all in --samples, else the six benchmarks)",
     )
-    ap.add_argument("--n", type=int, default=8, help="responses per problem (generation)")
+    # --num-samples: torchrun reads a bare --n after the script as an abbreviation of its own flags
+    ap.add_argument("--n", "--num-samples", dest="n", type=int, default=8, help="responses per problem (generation)")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-tokens", type=int, default=4096)
@@ -226,8 +236,11 @@ def main(argv: list[str] | None = None, generate_fn: GenerateFn | None = None) -
                 tokenizer,
                 args.data_dir,
                 args.limit,
+                score=_rank() == 0,
                 **score_kwargs,
             )
+            if report is None:
+                return 0
         else:
             print("error: nothing to evaluate; pass --model DIR or --samples FILE", file=sys.stderr)
             return 2
