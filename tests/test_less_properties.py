@@ -346,6 +346,21 @@ def test_token_id_ranges_and_dtypes(scale, offset):
     )
 
 
+def test_backend_choice_and_fallback_without_numba(monkeypatch):
+    batch = random_batch(np.random.default_rng(29), 5)
+    expect = less_token_weights(*batch, mu=3)
+    monkeypatch.setattr(less, "_numba_module", False)  # as if numba were not installed
+    monkeypatch.setattr(less, "BACKEND", "auto")
+    assert less.backend() == "numpy"
+    assert torch.equal(less_token_weights(*batch, mu=3), expect)
+    monkeypatch.setattr(less, "BACKEND", "numba")
+    with pytest.raises(ImportError, match="numba"):
+        less_token_weights(*batch, mu=3)
+    monkeypatch.setattr(less, "BACKEND", "fortran")
+    with pytest.raises(ValueError, match="BACKEND"):
+        less_token_weights(*batch, mu=3)
+
+
 def test_scratch_that_runs_out_is_grown(monkeypatch):
     """The kernel's first allotment of occurrences can be too small (repetition loops): the group is
     scanned again with more room, and the weights are the same."""

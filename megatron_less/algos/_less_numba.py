@@ -9,22 +9,26 @@ Per group (its rows gathered by a counting sort of the group ids, so its data st
      and high weights, and the segments (maximal runs with H < tau, length >= mu);
   2. polynomial prefix hashes (mod 2**64) of every segment, so any window's hash is O(1);
   3. identical segments merged into distinct keys (hash table on (full hash, length), equality
-     confirmed token by token); the first copy of each is its host;
-  4. every mu-token window of every host looked up in a table of key heads; the keys sharing a
-     head are chained by increasing length, so only keys that fit are tried; a full-length hash
-     drops wrong candidates in O(1) and every remaining (key, position) pair is confirmed by
-     comparing token ids (overlapping occurrences in periodic text are chained: K at p and at
-     p + d < p + |K| share all but d tokens, so K's period d is checked once and d tokens per
-     step). Hashes only propose: no weight depends on a hash value. What holds in a host holds in
-     every copy, so copies are not scanned;
+     confirmed token by token); the first copy of each is its host, and what holds in a host
+     holds in every copy, so copies are never scanned;
+  4. every mu-token window of every host tested against a bitmap of key heads, then the head
+     table, which lists the keys of each head by increasing length. All keys occurring at one
+     position are prefixes of the longest one there, so only that one is looked for: from the
+     longest key that fits (binary search) down, a full-length hash drops wrong keys in O(1) and
+     the first that matches is confirmed token by token (runs of overlapping occurrences in
+     periodic text are chained: K at p and at p + d < p + |K| share all but d tokens, so K's
+     period d is checked once and d tokens per step) and recorded; the others follow from
+     prefix links between keys, each confirmed token by token once. Hashes only propose: no
+     weight depends on a hash value;
   5. carriers as bit sets over the group's responses (a host's copies' rows, OR-ed into every key
      found in it), cluster kinds and weights;
-  6. one sweep per host over its occurrences (already in position order) gives each token its
+  6. one sweep per host over its longest matches (already in position order) gives each token its
      covering clusters' verdict (0 if any shared, else the largest weight), written into every
      copy of the host.
 
-Cost: linear in the batch plus the number of confirmed (key, occurrence) pairs; scratch memory is
-sized by the largest group and allocated per call.
+Cost: about linear in the batch (a position costs a bitmap test; a head hit a binary search and
+usually one hash check; repetition loops cut into fragments stay near linear through the
+chaining). Scratch memory is sized by the largest group and allocated per call.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def _key(ebits, i, wpt):
 
 @_jit
 def _select(kb, n, k, cb, hist, nbits):
-    """k-th smallest (0-based) of kb[:n] by most-significant-digit radix selection: 11 bits a pass,
+    """k-th smallest (0-based) of kb[:n] by most-significant-digit radix selection, up to 11 bits a pass,
     keeping the candidates of the digit that holds rank k; a few candidates are sorted instead."""
     src = kb
     m = n
@@ -157,10 +161,10 @@ def _table_bits(n):
 
 # Fields of the per-group tables seg[s, field] (segments) and key[k, field] (distinct segments).
 S_ROW, S_FLAT, S_LEN, S_TOFF, S_KEY = range(5)
-K_SEG, K_LEN, K_NEXT, K_PAR, K_LSEG, K_LPOS, K_PERD, K_PEROK = range(8)
+K_SEG, K_LEN, K_HPOS, K_PAR, K_LSEG, K_LPOS, K_PERD, K_PEROK = range(8)
 K_CP0, K_CP1, K_STAMP, K_KIND, K_SHLEN, K_WTOP, K_WNEXT, K_SLOT = range(8, 16)
 N_KEY_FIELDS = 16
-# K_SEG: the host (first copy); K_NEXT: next key with the same head hash, not shorter; K_PAR: the
+# K_SEG: the host (first copy); K_HPOS: index in hkeys (keys by head, then length); K_PAR: the
 # longest key that is a proper prefix of this one (-1 if none); K_LSEG, K_LPOS: last confirmed
 # occurrence as a longest match; K_PERD, K_PEROK: last period tested and its outcome; copies of the
 # key are copies[K_CP0:K_CP1]; K_STAMP: last host whose carriers were added; K_KIND: 0 no cluster,
@@ -209,12 +213,14 @@ def _response(ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, edges, weight
 
 
 @_jit
-def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, bitmap, key, key_full, len_cnt, by_len, chain):
+def _keys(
+    tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, h_cnt, hkeys, bitmap, key, key_full, len_cnt, by_len
+):
     """Prefix hashes of the segments (segment s's at hp[toff + s:], hp[i] = sum of x_j * BASE**-j
     over its first i tokens, so the window at j of length L hashes to (hp[j + L] - hp[j]) * BASE**j
-    wherever it sits), distinct keys (equal segments
-    merged after a token-by-token check; the first copy is the host) and the head table (keys of
-    one mu-gram hash chained by increasing length). Returns the number of keys."""
+    wherever it sits), distinct keys (equal segments merged after a token-by-token check; the first
+    copy is the host), the head table and bitmap (keys by the hash of their first mu tokens) and
+    the prefix links. Returns the number of keys."""
     for s in range(nseg):
         p = seg[s, S_TOFF] + s
         f = seg[s, S_FLAT]
@@ -228,9 +234,8 @@ def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, bitmap, key
             hs[j] = h
     tmask = (1 << tbits) - 1
     tshift = np.uint64(64 - tbits)
-    for i in range(1 << tbits):
-        dtab[i] = -1
-        h_first[i] = -1
+    dtab[: 1 << tbits] = -1
+    h_cnt[: 1 << tbits] = 0
     nk = 0
     for s in range(nseg):
         ln = seg[s, S_LEN]
@@ -254,65 +259,67 @@ def _keys(tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, bitmap, key
                 seg[s, S_KEY] = kk
                 break
             slot = (slot + 1) & tmask
-    # Insert keys longest first (counting sort on length), each at the front of its head's chain.
+    # Keys by length (counting sort), then the head table: the keys of each head hash lie in
+    # hkeys[h_first[slot]:h_first[slot] + h_cnt[slot]] by increasing length.
     max_len = 0
     for kk in range(nk):
         max_len = max(max_len, key[kk, K_LEN])
     len_cnt[: max_len + 2] = 0
     for kk in range(nk):
-        len_cnt[key[kk, K_LEN]] += 1
-    for i in range(max_len, -1, -1):
-        len_cnt[i] += len_cnt[i + 1]  # keys at least this long
+        len_cnt[key[kk, K_LEN] + 1] += 1
+    for i in range(max_len + 1):
+        len_cnt[i + 1] += len_cnt[i]  # keys shorter than i + 1
     for kk in range(nk):
-        len_cnt[key[kk, K_LEN]] -= 1
         by_len[len_cnt[key[kk, K_LEN]]] = kk
+        len_cnt[key[kk, K_LEN]] += 1
     bshift = np.uint64(64 - tbits - _BITMAP_EXTRA)
     bitmap[: 1 << max(tbits + _BITMAP_EXTRA - 6, 0)] = 0
-    for ii in range(nk):
-        kk = by_len[ii]
+    for kk in range(nk):
         p = seg[key[kk, K_SEG], S_TOFF] + key[kk, K_SEG]
         head = hp[p + mu] - hp[p]
         bit = (head * _M2) >> bshift
         bitmap[bit >> _S6] |= _ONE << (bit & _LOW6)
         slot = np.int64((head * _M2) >> tshift)
-        while h_first[slot] >= 0 and h_hash[slot] != head:
+        while h_cnt[slot] > 0 and h_hash[slot] != head:
             slot = (slot + 1) & tmask
-        if h_first[slot] < 0:
-            h_hash[slot] = head
-            key[kk, K_NEXT] = -1
-        else:
-            key[kk, K_NEXT] = h_first[slot]
-        h_first[slot] = kk
+        h_hash[slot] = head
+        h_cnt[slot] += 1
         key[kk, K_SLOT] = slot
+    at = 0
+    for i in range(1 << tbits):
+        h_first[i] = at
+        at += h_cnt[i]
+        h_cnt[i] = 0
+    for ii in range(nk):
+        kk = by_len[ii]
+        slot = key[kk, K_SLOT]
+        hkeys[h_first[slot] + h_cnt[slot]] = kk
+        key[kk, K_HPOS] = h_first[slot] + h_cnt[slot]
+        h_cnt[slot] += 1
     # Prefix links: every key that occurs at a position is a prefix of the longest one that does,
-    # so the scan keeps only the longest and the links give the rest. Candidates share the head,
-    # hence the chain; a hash proposes, a token-by-token comparison confirms.
+    # so the scan keeps only the longest and the links give the rest. A proper prefix of a key
+    # shares its head, so it is one of the shorter keys of its head; the longest of those whose
+    # hash matches and whose tokens are equal.
     for kk in range(nk):
         key[kk, K_PAR] = -1
-        c = h_first[key[kk, K_SLOT]]
-        if c == kk:
-            continue  # the shortest of its chain
         kl = key[kk, K_LEN]
         hk = key[kk, K_SEG]
         p = seg[hk, S_TOFF] + hk
-        n = 0
-        while c != kk:  # the keys before kk in its chain are not longer
+        for i in range(key[kk, K_HPOS] - 1, h_first[key[kk, K_SLOT]] - 1, -1):
+            c = hkeys[i]
             cl = key[c, K_LEN]
-            if cl < kl and hp[p + cl] - hp[p] == key_full[c]:
-                chain[n] = c
-                n += 1
-            c = key[c, K_NEXT]
-        while n > 0:
-            n -= 1
-            c = chain[n]
-            if _equal(tok, seg[key[c, K_SEG], S_FLAT], seg[hk, S_FLAT], key[c, K_LEN]):
+            if (
+                cl < kl
+                and hp[p + cl] - hp[p] == key_full[c]
+                and _equal(tok, seg[key[c, K_SEG], S_FLAT], seg[hk, S_FLAT], cl)
+            ):
                 key[kk, K_PAR] = c
                 break
     return nk
 
 
 @_jit
-def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, bitmap, hits, key, key_full, cand, occ):
+def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, h_cnt, hkeys, bitmap, hits, key, key_full, occ):
     """Step 5's search for one group: at every position of every host (the first copy of each
     distinct segment: what holds there holds in every copy), the longest key occurring there,
     confirmed token by token, as occ[:, i] = (key, host, offset) in (host, offset) order; the keys
@@ -343,32 +350,32 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, bitmap, hits, 
             bit = (((hm[j] - hs[j]) * pw[j]) * _M2) >> bshift
             hits[nh] = j
             nh += (bitmap[bit >> _S6] >> (bit & _LOW6)) & _ONE
-        for hi in range(nh):
-            j = hits[hi]
+        for q in range(nh):
+            j = hits[q]
             pj = pw[j]
             hj = hs[j]
             gh = (hm[j] - hj) * pj
             slot = np.int64((gh * _M2) >> tshift)
-            kk = h_first[slot]
-            while kk >= 0 and h_hash[slot] != gh:
+            while h_cnt[slot] > 0 and h_hash[slot] != gh:
                 slot = (slot + 1) & tmask
-                kk = h_first[slot]
-            # Keys of this head that fit and whose hash matches, shortest first.
+            if h_cnt[slot] == 0:
+                continue  # a false positive of the bitmap
+            # The longest key of this head that fits (binary search on length), then shorter ones
+            # until one whose hash matches really occurs: the longest match.
             room = ln - j
-            nc = 0
-            while kk >= 0:
+            lo = h_first[slot]
+            hi = lo + h_cnt[slot]  # keys lo..hi-1; find the last one not longer than room
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if key[hkeys[mid], K_LEN] <= room:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            for idx in range(lo - 1, h_first[slot] - 1, -1):
+                kk = hkeys[idx]
                 kl = key[kk, K_LEN]
-                if kl > room:
-                    break
-                if (hs[j + kl] - hj) * pj == key_full[kk]:
-                    cand[nc] = kk
-                    nc += 1
-                kk = key[kk, K_NEXT]
-            # The longest one that really occurs.
-            while nc > 0:
-                nc -= 1
-                kk = cand[nc]
-                kl = key[kk, K_LEN]
+                if (hs[j + kl] - hj) * pj != key_full[kk]:
+                    continue
                 kf = seg[key[kk, K_SEG], S_FLAT]
                 if j == 0 and own == kk:
                     ok = True
@@ -443,7 +450,7 @@ def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, by_len, occ, n_oc
             n_cl += 1
             glob[kind] += 1
     # Along the prefix links, shortest keys first (a parent is shorter than its child).
-    for ii in range(nk - 1, -1, -1):
+    for ii in range(nk):
         kk = by_len[ii]
         par = key[kk, K_PAR]
         kind = key[kk, K_KIND]
@@ -647,11 +654,12 @@ def less_kernel(
     kw = np.empty(max_seg, np.float32)
     len_cnt = np.empty(t_len + 2, np.int64)
     by_len = np.empty(max_seg, np.int64)
-    chain = np.empty(max_seg, np.int64)
+    hkeys = np.empty(max_seg, np.int64)
     tbits_max = _table_bits(max_seg)
     dtab = np.empty(1 << tbits_max, np.int64)
     h_hash = np.empty(1 << tbits_max, np.uint64)
     h_first = np.empty(1 << tbits_max, np.int64)
+    h_cnt = np.empty(1 << tbits_max, np.int64)
     bitmap = np.empty(1 << max(tbits_max + _BITMAP_EXTRA - 6, 0), np.uint64)
     hits = np.empty(t_len + 1, np.int64)
     copies = np.empty(max_seg, np.int64)
@@ -691,11 +699,11 @@ def less_kernel(
             continue
         tbits = _table_bits(nseg)
         nk = _keys(
-            tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, bitmap, key, key_full, len_cnt, by_len, chain
+            tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, h_cnt, hkeys, bitmap, key, key_full, len_cnt, by_len
         )
         while True:
             n_occ = _scan(
-                tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, bitmap, hits, key, key_full, chain, occ
+                tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, h_cnt, hkeys, bitmap, hits, key, key_full, occ
             )
             if n_occ <= occ.shape[1]:
                 break

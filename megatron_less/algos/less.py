@@ -1,13 +1,18 @@
 """LESS: Low-Entropy Segment Shaping of GRPO advantages (the exact rule: less-spec.md).
 
 `less_token_weights` returns the per-token weight w of the spec; shaped advantages are
-``w * A[:, None]``. The whole batch is processed at once with numpy: no Python loop over groups
-or responses. This is the spec's rule (every carrier counts; a token takes 0 if any covering
+``w * A[:, None]``. Two implementations compute the same weights and stats:
+  * numba kernels (_less_numba.py), used whenever numba is importable: one compiled pass over the
+    batch, group by group; compiled on the first call of a process and cached on disk by numba;
+  * numpy (this module and span_match.py), the fallback: the whole batch at once, no Python loop
+    over groups or responses.
+`BACKEND` (env MLESS_LESS_BACKEND: auto, numba or numpy) picks one; the tests run both against the
+brute-force oracle. This is the spec's rule (every carrier counts; a token takes 0 if any covering
 cluster is shared, else the largest weight), not the authors' reference code, which links a
 segment only to the first other response containing it and lets later clusters overwrite
 earlier ones (see the spec's notes for how often the two differ).
 
-How carriers are found without comparing every key with every window:
+How the numpy implementation finds carriers without comparing every key with every window:
   * every segment is a key; identical segments of a group are merged first (sorted by a
     full-length hash, then compared token by token), so each distinct sequence is searched for
     once, and only inside one copy of each distinct segment (its "host"): what is found there
