@@ -296,6 +296,20 @@ def test_rejects_bad_inputs():
         less_token_weights(*ok, mu=0)
 
 
+def test_negative_and_signed_zero_entropies_match_oracle():
+    """The kernel compares entropies through integer keys: negative values and -0.0 == +0.0 ties
+    must order exactly as floats do."""
+    rng = np.random.default_rng(31)
+    for dtype in (torch.float32, torch.float64):
+        tok, ent, mask, correct, group = random_batch(rng, 8)
+        ent = (ent - 0.2).to(dtype)
+        zeros = torch.from_numpy(rng.random(ent.shape) < 0.2)
+        signs = torch.from_numpy(rng.random(ent.shape) < 0.5)
+        ent[zeros & signs] = -0.0
+        ent[zeros & ~signs] = 0.0
+        check_against_oracle((tok, ent, mask, correct, group), 3, 0.5)
+
+
 def test_half_precision_entropy_is_compared_exactly():
     rng = np.random.default_rng(5)
     tok, ent, mask, correct, group = random_batch(rng, 8)

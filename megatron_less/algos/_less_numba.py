@@ -586,9 +586,10 @@ def less_kernel(
     """LESS weights of a [B, T] batch (flat arrays), written into weights (float32, B*T).
 
     tok int64, ebits uint32 (wpt words per entropy: 1 float32, 2 float64), mask uint8 (0/1), corr
-    bool, gid int64 dense group ids < n_groups. Per-row diagnostics: row_i[r] = (length,
-    high-entropy tokens, covered tokens, shared ones), row_w[r] = sum of the covered tokens'
-    weights; glob = (segment tokens, clusters correct-only, incorrect-only, shared).
+    bool, gid int64 dense group ids < n_groups; base, base_inv: the hash base (odd) and its inverse
+    mod 2**64; occ_room: room first made for occurrences, per segment token. Per-row diagnostics:
+    row_i[r] = (length, high-entropy tokens, covered tokens, shared ones), row_w[r] = sum of the
+    covered tokens' weights; glob = (segment tokens, clusters correct-only, incorrect-only, shared).
     Returns 0, or 1 if the mask is not left-aligned.
     """
     b = corr.size
@@ -625,21 +626,18 @@ def less_kernel(
         g_rows[fill[gid[r]]] = r
         local[r] = fill[gid[r]] - g_cnt[gid[r]]
         fill[gid[r]] += 1
-    # Scratch sized by the largest group.
-    max_tok = 1
+    # Scratch: per response, and per group (grown to the largest group met, so that a small
+    # batch touches little memory).
     max_rows = 1
     for g in range(n_groups):
-        n = 0
-        for i in range(g_cnt[g], g_cnt[g + 1]):
-            n += row_i[g_rows[i], 0]
-        max_tok = max(max_tok, n)
         max_rows = max(max_rows, g_cnt[g + 1] - g_cnt[g])
-    max_seg = max_tok // mu + 1
     max_words = (max_rows + 63) // 64
     kb = np.empty(t_len + 1, np.uint64)
     cb = np.empty(t_len + 1, np.uint64)
     hist = np.zeros(1 << _DIGIT, np.int64)
     edges = np.empty(t_len + 2, np.int64)
+    hits = np.empty(t_len + 1, np.int64)
+    len_cnt = np.empty(t_len + 2, np.int64)
     pw = np.empty(t_len + 1, np.uint64)  # BASE**i and BASE**-i
     inv = np.empty(t_len + 1, np.uint64)
     pw[0] = _ONE
@@ -647,29 +645,28 @@ def less_kernel(
     for i in range(1, t_len + 1):
         pw[i] = pw[i - 1] * base
         inv[i] = inv[i - 1] * base_inv
-    seg = np.empty((max_seg + 1, 5), np.int64)
-    hp = np.empty(max_tok + max_seg, np.uint64)
-    key = np.empty((max_seg, N_KEY_FIELDS), np.int64)
-    key_full = np.empty(max_seg, np.uint64)
-    kw = np.empty(max_seg, np.float32)
-    len_cnt = np.empty(t_len + 2, np.int64)
-    by_len = np.empty(max_seg, np.int64)
-    hkeys = np.empty(max_seg, np.int64)
-    tbits_max = _table_bits(max_seg)
-    dtab = np.empty(1 << tbits_max, np.int64)
-    h_hash = np.empty(1 << tbits_max, np.uint64)
-    h_first = np.empty(1 << tbits_max, np.int64)
-    h_cnt = np.empty(1 << tbits_max, np.int64)
-    bitmap = np.empty(1 << max(tbits_max + _BITMAP_EXTRA - 6, 0), np.uint64)
-    hits = np.empty(t_len + 1, np.int64)
-    copies = np.empty(max_seg, np.int64)
-    cflat = np.empty(max_seg, np.int64)
-    hmask = np.empty((max_seg, max_words), np.uint64)
-    kmask = np.empty((max_seg, max_words), np.uint64)
     cmask = np.empty(max_words, np.uint64)
     aw = np.empty(max_rows + 1, np.float32)
     ae = np.empty(max_rows + 1, np.int64)
-    occ = np.empty((3, occ_room * max_tok + 1), np.int64)  # grown when a group needs more
+    seg = np.empty((1, 5), np.int64)
+    hp = np.empty(1, np.uint64)
+    occ = np.empty((3, 1), np.int64)
+    cap = 0  # keys (and segments) the per-key arrays hold
+    key = np.empty((cap, N_KEY_FIELDS), np.int64)
+    key_full = np.empty(cap, np.uint64)
+    kw = np.empty(cap, np.float32)
+    by_len = np.empty(cap, np.int64)
+    hkeys = np.empty(cap, np.int64)
+    copies = np.empty(cap, np.int64)
+    cflat = np.empty(cap, np.int64)
+    hmask = np.empty((cap, max_words), np.uint64)
+    kmask = np.empty((cap, max_words), np.uint64)
+    tcap = 0  # head / dedup table slots
+    dtab = np.empty(tcap, np.int64)
+    h_hash = np.empty(tcap, np.uint64)
+    h_first = np.empty(tcap, np.int64)
+    h_cnt = np.empty(tcap, np.int64)
+    bitmap = np.empty(1, np.uint64)
     one = np.float32(1.0)
     zero = np.float32(0.0)
 
@@ -680,6 +677,12 @@ def less_kernel(
         shaped = nc > 0 and nw > 0  # step 8: other groups keep w = 1
         inv_c = np.float32(1.0 / nc) if nc else one
         inv_w = np.float32(1.0 / nw) if nw else one
+        if shaped:
+            bound = 1  # segments: each takes mu tokens and one more that ends it (or the row end)
+            for i in range(r0, r1):
+                bound += (row_i[g_rows[i], 0] + 1) // (mu + 1)
+            if seg.shape[0] < bound:
+                seg = np.empty((2 * bound, 5), np.int64)
         nseg = 0
         ntok = 0
         for i in range(r0, r1):
@@ -697,7 +700,29 @@ def less_kernel(
         glob[0] += ntok
         if nseg == 0:
             continue
+        if hp.size < ntok + nseg:
+            hp = np.empty(2 * (ntok + nseg), np.uint64)
+        if cap < nseg:
+            cap = 2 * nseg
+            key = np.empty((cap, N_KEY_FIELDS), np.int64)
+            key_full = np.empty(cap, np.uint64)
+            kw = np.empty(cap, np.float32)
+            by_len = np.empty(cap, np.int64)
+            hkeys = np.empty(cap, np.int64)
+            copies = np.empty(cap, np.int64)
+            cflat = np.empty(cap, np.int64)
+            hmask = np.empty((cap, max_words), np.uint64)
+            kmask = np.empty((cap, max_words), np.uint64)
         tbits = _table_bits(nseg)
+        if tcap < 1 << tbits:
+            tcap = 1 << tbits
+            dtab = np.empty(tcap, np.int64)
+            h_hash = np.empty(tcap, np.uint64)
+            h_first = np.empty(tcap, np.int64)
+            h_cnt = np.empty(tcap, np.int64)
+            bitmap = np.empty(1 << max(tbits + _BITMAP_EXTRA - 6, 0), np.uint64)
+        if occ.shape[1] < occ_room * ntok + 1:  # longest matches: at most one per host position
+            occ = np.empty((3, 2 * (occ_room * ntok + 1)), np.int64)
         nk = _keys(
             tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, h_cnt, hkeys, bitmap, key, key_full, len_cnt, by_len
         )

@@ -58,9 +58,9 @@ from .span_match import (
 )
 
 
-# Occurrences the kernel first makes room for, per segment token (a group that needs more is
-# scanned again with enough room).
-_OCC_ROOM = 2
+# Room the kernel first makes for occurrences, per segment token: one is always enough (at most one
+# longest match per position); a group that needs more is scanned again with enough room.
+_OCC_ROOM = 1
 # Which implementation runs: "auto" (numba when importable, else numpy), "numba" or "numpy".
 BACKEND = os.environ.get("MLESS_LESS_BACKEND", "auto")
 _numba_module = None  # None: not tried yet; False: numba not importable
