@@ -39,11 +39,12 @@ from numba import njit
 
 def _jit(fn):
     """njit with an on-disk cache when numba finds a writable cache directory (NUMBA_CACHE_DIR,
-    the package's __pycache__ or a user-wide one); without one it compiles in every process."""
+    the package's __pycache__ or a user-wide one); without one it compiles in every process.
+    The kernels release the GIL (other Python threads run meanwhile)."""
     try:
-        return njit(cache=True, error_model="numpy")(fn)
+        return njit(cache=True, nogil=True, error_model="numpy")(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
-        return njit(error_model="numpy")(fn)
+        return njit(nogil=True, error_model="numpy")(fn)
 
 
 _SIGN32 = np.uint64(0x80000000)
