@@ -215,7 +215,23 @@ def _response(ebits, wpt, o, ln, r, mu, quantile, d, kb, cb, hist, edges, weight
 
 @_jit
 def _keys(
-    tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, h_cnt, hkeys, bitmap, key, key_full, len_cnt, by_len
+    tok,
+    inv,
+    mu,
+    seg,
+    nseg,
+    hp,
+    tbits,
+    dtab,
+    h_hash,
+    h_first,
+    h_cnt,
+    hkeys,
+    bitmap,
+    key,
+    key_full,
+    len_cnt,
+    by_len,
 ):
     """Prefix hashes of the segments (segment s's at hp[toff + s:], hp[i] = sum of x_j * BASE**-j
     over its first i tokens, so the window at j of length L hashes to (hp[j + L] - hp[j]) * BASE**j
@@ -320,7 +336,9 @@ def _keys(
 
 
 @_jit
-def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, h_cnt, hkeys, bitmap, hits, key, key_full, occ):
+def _scan(
+    tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, h_cnt, hkeys, bitmap, hits, key, key_full, occ
+):
     """Step 5's search for one group: at every position of every host (the first copy of each
     distinct segment: what holds there holds in every copy), the longest key occurring there,
     confirmed token by token, as occ[:, i] = (key, host, offset) in (host, offset) order; the keys
@@ -403,7 +421,9 @@ def _scan(tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, h_cnt, hkeys, 
 
 
 @_jit
-def _clusters(nc, nw, words, local, cmask, seg, nseg, nk, key, by_len, occ, n_occ, copies, hmask, kmask, kw, glob):
+def _clusters(
+    nc, nw, words, local, cmask, seg, nseg, nk, key, by_len, occ, n_occ, copies, hmask, kmask, kw, glob
+):
     """Step 5 for one group: each key's copies, carriers (the responses holding a copy of a host
     where the key occurs, itself or as a prefix of a longest match: bit sets of `words` words over
     the group's responses, local[r] = bit of row r, cmask = the correct ones), cluster kind and
@@ -582,7 +602,22 @@ def _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_
 
 @_jit
 def less_kernel(
-    tok, ebits, wpt, mask, corr, gid, n_groups, mu, quantile, base, base_inv, occ_room, weights, row_i, row_w, glob
+    tok,
+    ebits,
+    wpt,
+    mask,
+    corr,
+    gid,
+    n_groups,
+    mu,
+    quantile,
+    base,
+    base_inv,
+    occ_room,
+    weights,
+    row_i,
+    row_w,
+    glob,
 ):
     """LESS weights of a [B, T] batch (flat arrays), written into weights (float32, B*T).
 
@@ -725,11 +760,43 @@ def less_kernel(
         if occ.shape[1] < occ_room * ntok + 1:  # longest matches: at most one per host position
             occ = np.empty((3, 2 * (occ_room * ntok + 1)), np.int64)
         nk = _keys(
-            tok, inv, mu, seg, nseg, hp, tbits, dtab, h_hash, h_first, h_cnt, hkeys, bitmap, key, key_full, len_cnt, by_len
+            tok,
+            inv,
+            mu,
+            seg,
+            nseg,
+            hp,
+            tbits,
+            dtab,
+            h_hash,
+            h_first,
+            h_cnt,
+            hkeys,
+            bitmap,
+            key,
+            key_full,
+            len_cnt,
+            by_len,
         )
         while True:
             n_occ = _scan(
-                tok, mu, seg, nseg, nk, hp, pw, tbits, h_hash, h_first, h_cnt, hkeys, bitmap, hits, key, key_full, occ
+                tok,
+                mu,
+                seg,
+                nseg,
+                nk,
+                hp,
+                pw,
+                tbits,
+                h_hash,
+                h_first,
+                h_cnt,
+                hkeys,
+                bitmap,
+                hits,
+                key,
+                key_full,
+                occ,
             )
             if n_occ <= occ.shape[1]:
                 break
@@ -740,7 +807,23 @@ def less_kernel(
             if corr[g_rows[i]]:
                 cmask[(i - r0) >> 6] |= _ONE << np.uint64((i - r0) & 63)
         n_cl = _clusters(
-            nc, nw, words, local, cmask, seg, nseg, nk, key, by_len, occ, n_occ, copies, hmask, kmask, kw, glob
+            nc,
+            nw,
+            words,
+            local,
+            cmask,
+            seg,
+            nseg,
+            nk,
+            key,
+            by_len,
+            occ,
+            n_occ,
+            copies,
+            hmask,
+            kmask,
+            kw,
+            glob,
         )
         if n_cl:
             _paint(seg, key, occ, n_occ, copies, kw, aw, ae, cflat, weights, row_i, row_w)

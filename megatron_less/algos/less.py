@@ -57,7 +57,6 @@ from .span_match import (
     workspace,
 )
 
-
 # Room the kernel first makes for occurrences, per segment token: one is always enough (at most one
 # longest match per position); a group that needs more is scanned again with enough room.
 _OCC_ROOM = 1
@@ -82,7 +81,9 @@ def _compiled():
             _numba_module = False
     if not _numba_module:
         if BACKEND == "numba":
-            raise ImportError("LESS backend 'numba' requested but numba is not importable (pip install numba)")
+            raise ImportError(
+                "LESS backend 'numba' requested but numba is not importable (pip install numba)"
+            )
         return None
     return _numba_module
 
@@ -237,8 +238,18 @@ def _less_compiled(nb, tok, ent, mask, corr, gid, mu, quantile, want_stats):
     # cluster's weight, and covered tokens are segment tokens, which are low.
     w_sum = n_high + (lengths - n_high - covered) * default.astype(np.float64) + w_covered
     return weights, _stats_dict(
-        lengths, shaped, corr, default, gid, n_high, covered, row_i[:, 3], w_sum, w_covered,
-        int(glob[0]), glob[1:].tolist(),
+        lengths,
+        shaped,
+        corr,
+        default,
+        gid,
+        n_high,
+        covered,
+        row_i[:, 3],
+        w_sum,
+        w_covered,
+        int(glob[0]),
+        glob[1:].tolist(),
     )
 
 
@@ -430,11 +441,24 @@ def _stats(weights, high, lengths, shaped, corr, default, seg_len, gid, kinds, c
     kind_counts = [int((kinds == k).sum()) for k in (1, 2, 3)]
     w_sum = weights.sum(axis=1, dtype=np.float64)
     return _stats_dict(
-        lengths, shaped, corr, default, gid, n_high, covered, shared, w_sum, w_covered, int(seg_len.sum()), kind_counts
+        lengths,
+        shaped,
+        corr,
+        default,
+        gid,
+        n_high,
+        covered,
+        shared,
+        w_sum,
+        w_covered,
+        int(seg_len.sum()),
+        kind_counts,
     )
 
 
-def _stats_dict(lengths, shaped, corr, default, gid, n_high, covered, shared, w_sum, w_covered, seg_tokens, kind_counts):
+def _stats_dict(
+    lengths, shaped, corr, default, gid, n_high, covered, shared, w_sum, w_covered, seg_tokens, kind_counts
+):
     """Diagnostics (floats). Token fractions and mean weights are over the groups LESS shapes
     (N_c > 0 and N_w > 0); clusters are counted once per distinct (group, token sequence).
 
