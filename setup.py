@@ -21,7 +21,7 @@ setup(
         "psutil",  # megatron-core dist_checkpointing needs it
         "pyyaml",
         "numpy",
-        "numba>=0.61",  # LESS segment matching kernels (a numpy fallback exists)
+        "numba>=0.65",  # LESS segment matching kernels (a numpy fallback exists)
         "math-verify>=0.7",
         "tensorboard",
         "matplotlib",
