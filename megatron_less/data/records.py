@@ -146,6 +146,26 @@ def to_problem(
     return Problem(str(ident) if ident is not None else where, problem, answer, extra)
 
 
+def read_rows(path: str | Path, parse, skip_bad: bool = False, what: str = "records") -> tuple[list, LoadStats]:
+    """``parse(row, where)`` for every row of a local file. A bad row (bad JSON, or ``parse``
+    raising DataError) raises, or with ``skip_bad`` is skipped and counted."""
+    stats, out = LoadStats(str(path)), []
+    for lineno, row in iter_rows(path):
+        where = f"{path}:{lineno}"
+        try:
+            if isinstance(row, Exception):
+                raise DataError(f"{where}: bad JSON: {row.msg} (column {row.colno})")
+            out.append(parse(row, where))
+            stats.rows += 1
+        except DataError as e:
+            if not skip_bad:
+                raise
+            stats.note(str(e))
+    if not out:
+        raise DataError(f"{path}: no usable {what} ({stats.skipped} bad rows skipped)")
+    return out, stats
+
+
 def load_problems(
     path: str | Path,
     skip_bad: bool = False,
@@ -153,19 +173,4 @@ def load_problems(
     answer_keys: Sequence[str] = ANSWER_KEYS,
 ) -> tuple[list[Problem], LoadStats]:
     """All problems of a local file. Bad rows raise DataError, or are skipped and counted."""
-    stats = LoadStats(str(path))
-    problems = []
-    for lineno, row in iter_rows(path):
-        where = f"{path}:{lineno}"
-        try:
-            if isinstance(row, Exception):
-                raise DataError(f"{where}: bad JSON: {row.msg} (column {row.colno})")
-            problems.append(to_problem(row, where, problem_keys, answer_keys))
-            stats.rows += 1
-        except DataError as e:
-            if not skip_bad:
-                raise
-            stats.note(str(e))
-    if not problems:
-        raise DataError(f"{path}: no usable records ({stats.skipped} bad rows skipped)")
-    return problems, stats
+    return read_rows(path, lambda row, where: to_problem(row, where, problem_keys, answer_keys), skip_bad)

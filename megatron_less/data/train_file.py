@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from megatron_less.data.prompts import apply_template
-from megatron_less.data.records import DataError, LoadStats, Problem, iter_rows
+from megatron_less.data.records import DataError, LoadStats, Problem, read_rows
 
 
 def write_train_file(
@@ -35,25 +35,15 @@ def write_train_file(
     return n
 
 
+def _train_row(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("prompt", "answer"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise DataError(f"{where}: missing or empty string field {key!r}")
+    return row
+
+
 def read_train_file(path: str | Path, skip_bad: bool = False) -> tuple[list[dict], LoadStats]:
     """Rows with non-empty string ``prompt`` and ``answer``; bad rows raise or are counted."""
-    stats, rows = LoadStats(str(path)), []
-    for lineno, row in iter_rows(path):
-        where = f"{path}:{lineno}"
-        try:
-            if isinstance(row, Exception):
-                raise DataError(f"{where}: bad JSON: {row.msg} (column {row.colno})")
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "answer"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise DataError(f"{where}: missing or empty string field {key!r}")
-            rows.append(row)
-            stats.rows += 1
-        except DataError as e:
-            if not skip_bad:
-                raise
-            stats.note(str(e))
-    if not rows:
-        raise DataError(f"{path}: no usable rows ({stats.skipped} bad rows skipped)")
-    return rows, stats
+    return read_rows(path, _train_row, skip_bad, what="rows")
