@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_less.parallel.spawn import run_distributed
+from tests import tiny
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 GLOBAL_BATCH, SEQ, MICROBATCHES = 8, 32, 2
@@ -20,7 +21,6 @@ def _layouts_job(layouts):
     from megatron_less.models import qwen2
     from megatron_less.parallel import gather, runtime
     from megatron_less.trainer.model_setup import OptimConfig, build_policy, forward_backward
-    from tests import tiny
 
     hf = tiny.hf_model(seed=0).state_dict()
     arch = qwen2.Qwen2Arch.from_hf(tiny.BASE)
@@ -104,7 +104,7 @@ def test_loss_is_real(results):
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_optimizer_step_moves_parameters_identically(results, layout):
     ref, got = results[(1, 1)]["weights"], results[layout]["weights"]
-    initial = __import__("tests.tiny", fromlist=["x"]).hf_model(seed=0).state_dict()
+    initial = tiny.hf_model(seed=0).state_dict()
     assert set(ref) == set(got) and len(ref) == 2 + 12 * 4  # embed, norm, 12 per layer; lm_head tied
     for name in ref:
         assert not torch.equal(ref[name], initial[name]), f"{name} did not change"

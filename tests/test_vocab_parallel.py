@@ -14,6 +14,7 @@ import torch
 
 from megatron_less.ops import vocab_parallel_logprob_entropy as op
 from megatron_less.parallel.spawn import run_distributed
+from tests.vocab_reference import reference
 
 V = 1012  # 253 per rank at TP4: odd shard widths
 TPS = (1, 2, 4)
@@ -120,18 +121,9 @@ def _job():
     return out
 
 
-def _reference(x, t, temp):
-    """float64 log-probs/entropy, written so that confident tokens do not cancel either."""
-    z = x.double() / temp
-    m, arg = z.max(-1, keepdim=True)
-    rest = torch.exp(z - m).scatter(-1, arg, 0.0).sum(-1, keepdim=True)
-    logp = (z - m) - torch.log1p(rest)
-    return logp.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-
-
 def _ref_grad(x, t, temp, loss_fn):
     xx = x.double().requires_grad_()
-    loss_fn(*_reference(xx, t, temp)).backward()
+    loss_fn(*reference(xx, t, temp)).backward()
     return xx.grad
 
 
@@ -146,7 +138,7 @@ def refs():
     for name in CASES:
         x, t, gl, gh, temp, _ = _case(name)
         x = x[..., : _vocab(name) or V]  # the real columns only
-        lp, h = _reference(x, t, temp)
+        lp, h = reference(x, t, temp)
         out[name] = dict(
             lp=lp, h=h,
             grad=_ref_grad(x, t, temp, lambda lp, h, gl=gl, gh=gh: (lp * gl + h * gh).sum()),

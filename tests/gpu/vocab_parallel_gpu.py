@@ -29,17 +29,9 @@ from megatron_less.ops.vocab_parallel import (  # noqa: E402
     fused_available,
     vocab_parallel_logprob_entropy,
 )
+from tests.vocab_reference import reference  # noqa: E402
 
 FAILURES: list[str] = []
-
-
-def reference(x, t, temp):
-    """float64, and written so that confident tokens do not cancel either."""
-    z = x.double() / temp
-    m, arg = z.max(-1, keepdim=True)
-    rest = torch.exp(z - m).scatter(-1, arg, 0.0).sum(-1, keepdim=True)
-    logp = (z - m) - torch.log1p(rest)
-    return logp.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
 def check(dev, fused_modes):
