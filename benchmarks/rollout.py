@@ -36,7 +36,7 @@ def _bench(args):
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.rollout.builtin import BuiltinSampler
     from megatron_less.rollout.vllm_engine import VLLMEngine
-    from megatron_less.trainer.model_setup import build_policy
+    from megatron_less.models.policy import build_policy
 
     cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,

@@ -12,7 +12,7 @@ def recompute_logprobs(policy_chunks, arch, prompt, response, temperature):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_less.models.forward import forward_logits
+    from megatron_less.models.schedule import forward_logits
 
     tokens = torch.tensor([list(prompt) + list(response)])
     logits = forward_logits(policy_chunks, tokens)

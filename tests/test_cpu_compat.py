@@ -29,7 +29,7 @@ def _train_step_without(tp, pp, names):
     import tempfile
     from megatron_less.models import qwen2
     from megatron_less.parallel import runtime
-    from megatron_less.trainer.model_setup import OptimConfig, build_policy, forward_backward
+    from megatron_less.models.policy import OptimConfig, build_policy, forward_backward
     from tests import tiny
 
     runtime.initialize(tp, pp)

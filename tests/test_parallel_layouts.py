@@ -20,7 +20,7 @@ def _layouts_job(layouts):
 
     from megatron_less.models import qwen2
     from megatron_less.parallel import gather, runtime
-    from megatron_less.trainer.model_setup import OptimConfig, build_policy, forward_backward
+    from megatron_less.models.policy import OptimConfig, build_policy, forward_backward
 
     hf = tiny.hf_model(seed=0).state_dict()
     arch = qwen2.Qwen2Arch.from_hf(tiny.BASE)

@@ -17,7 +17,7 @@ def _job():
     from megatron_less.parallel import runtime
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.rollout.builtin import BuiltinSampler
-    from megatron_less.trainer.model_setup import build_policy
+    from megatron_less.models.policy import build_policy
     from tests.rollout_checks import max_logprob_error
 
     hf = tiny.hf_model(0, **tiny.ROLLOUT)

@@ -46,7 +46,7 @@ def _job(layouts, rollout_tp):
     from megatron_less.models import qwen2
     from megatron_less.parallel import runtime
     from megatron_less.rollout.vllm_engine import VLLMEngine
-    from megatron_less.trainer.model_setup import build_policy
+    from megatron_less.models.policy import build_policy
 
     arch = qwen2.Qwen2Arch.from_hf(tiny.hf_config(**tiny.ROLLOUT))
     out, engine = {}, None

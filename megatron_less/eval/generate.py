@@ -46,7 +46,7 @@ def model_generate_fn(
     from megatron_less.models.qwen2 import Qwen2Arch
     from megatron_less.parallel import runtime
     from megatron_less.rollout.base import SamplingParams
-    from megatron_less.trainer.model_setup import build_policy
+    from megatron_less.models.policy import build_policy
 
     path = Path(model)
     if not path.is_dir():

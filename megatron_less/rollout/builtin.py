@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_less.models.forward import forward_logits
+from megatron_less.models.schedule import forward_logits
 from megatron_less.models.qwen2 import Qwen2Arch
 from megatron_less.rollout.base import Response, RolloutEngine, SamplingParams
 from megatron_less.rollout.sampling import sample_next

@@ -35,11 +35,11 @@ def main() -> int:
     import megatron.core
 
     from megatron_less.models import qwen2
-    from megatron_less.models.forward import forward_logits
+    from megatron_less.models.schedule import forward_logits
     from megatron_less.parallel import cpu_compat, runtime
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.rollout.builtin import BuiltinSampler
-    from megatron_less.trainer.model_setup import OptimConfig, build_policy, forward_backward
+    from megatron_less.models.policy import OptimConfig, build_policy, forward_backward
     from tests import tiny
 
     on_gpu = torch.cuda.is_available()

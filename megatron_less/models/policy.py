@@ -1,13 +1,16 @@
-"""Build this rank's policy: GPTModel stage -> megatron DDP -> megatron optimizer."""
+"""This rank's models: the trained policy (GPTModel stage -> megatron DDP -> megatron optimizer)
+and frozen forward-only models (evaluation, a KL reference): no DDP, no optimizer, no gradient
+buffers, so they cost only their weights."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from megatron_less.models import qwen2
+from megatron_less.models.schedule import run_schedule
 
 
 @dataclass
@@ -36,6 +39,35 @@ class Policy:
         return self.model[0].module
 
 
+def build_model_stage(arch: qwen2.Qwen2Arch, *, tp: int, pp: int, params_dtype: torch.dtype,
+                      hf_weights: Any = None, **config_overrides: Any):
+    """(TransformerConfig, this rank's GPTModel stage on the compute device)."""
+    config = qwen2.transformer_config(arch, tp=tp, pp=pp, params_dtype=params_dtype, **config_overrides)
+    module = qwen2.build_model(arch, config)
+    if hf_weights is not None:
+        qwen2.load_hf_weights(module, hf_weights, arch)
+    if torch.cuda.is_available():
+        module.cuda()
+    return config, module
+
+
+def build_frozen(
+    arch: qwen2.Qwen2Arch,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    hf_weights: Any = None,
+    **config_overrides: Any,
+) -> list:
+    """A forward-only model (list of chunks, as the schedules take): eval mode, no grads."""
+    _, module = build_model_stage(arch, tp=tp, pp=pp, params_dtype=params_dtype, hf_weights=hf_weights,
+                                  perform_initialization=hf_weights is None, **config_overrides)
+    module.eval()
+    module.requires_grad_(False)
+    return [module]
+
+
 def build_policy(
     arch: qwen2.Qwen2Arch,
     *,
@@ -53,12 +85,8 @@ def build_policy(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     optim = optim or OptimConfig()
-    config = qwen2.transformer_config(arch, tp=tp, pp=pp, params_dtype=params_dtype, **config_overrides)
-    module = qwen2.build_model(arch, config)
-    if hf_weights is not None:
-        qwen2.load_hf_weights(module, hf_weights, arch)
-    if torch.cuda.is_available():
-        module.cuda()
+    config, module = build_model_stage(arch, tp=tp, pp=pp, params_dtype=params_dtype, hf_weights=hf_weights,
+                                       **config_overrides)
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(
@@ -92,29 +120,22 @@ def build_policy(
 
 def forward_backward(
     policy: Policy,
-    microbatches: Iterable[Any],
+    microbatches: Sequence[Any],
     forward_step: Callable,
     *,
-    num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
+    num_microbatches: int | None = None,
     forward_only: bool = False,
-) -> list[dict]:
-    """One pass over the micro-batches with megatron's schedule (1F1B under PP).
-
-    Returns the loss functions' metric dicts (non-empty on the last pipeline stage only)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+) -> list:
+    """Zero the gradients (unless forward-only), then one pass over the micro-batches with
+    megatron's schedule. Returns the loss functions' outputs (last pipeline stage only)."""
+    microbatches = list(microbatches)
+    if num_microbatches is not None and num_microbatches != len(microbatches):
+        raise ValueError(f"num_microbatches={num_microbatches} but {len(microbatches)} micro-batches given")
     if not forward_only:
         for chunk in policy.model:
             chunk.zero_grad_buffer()
         policy.optimizer.zero_grad()
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=policy.model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    return run_schedule(policy.model, microbatches, forward_step, seq_length=seq_length,
+                        micro_batch_size=micro_batch_size, forward_only=forward_only)
