@@ -11,7 +11,7 @@ units, percent, degrees). This module adds what the benchmark files need on top 
   (``m_{\\max }=n^{2}-n-1``, ``-1./3``, ``t(0,4]``).
 
 Nothing here sets timers: math-verify's own timeouts use ``signal.alarm`` and would cancel the
-caller's timer, so they are switched off and the caller (``rewards.math``) bounds the time.
+caller's timer, so they are switched off and the caller (``rewards.verdict``) bounds the time.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def equivalent(extracted: str, reference: str, shortcuts: bool = True) -> bool:
 
     ``shortcuts=False`` skips ``quick_verdict`` so that math-verify alone decides (used to
     audit the parser on the benchmark answers). Unbounded in time for adversarial input;
-    call it under a timer (see ``rewards.math``).
+    call it under a timer (see ``rewards.verdict.judge_timed``).
     """
     if len(extracted) > MAX_ANSWER_CHARS:
         return False

@@ -23,7 +23,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Sequence
 
-from megatron_less.rewards.math import DEFAULT_TIMEOUT, ScoreResult, check_timeout, prejudge
+from megatron_less.rewards.verdict import DEFAULT_TIMEOUT, ScoreResult, check_timeout, prejudge
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _START_TIMEOUT = 60.0

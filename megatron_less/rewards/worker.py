@@ -30,7 +30,7 @@ def _limit_memory(extra_mb: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from megatron_less.rewards.math import judge_timed
+    from megatron_less.rewards.verdict import judge_timed
 
     inbox = Connection(int(argv[0]), writable=False)
     outbox = Connection(int(argv[1]), readable=False)
