@@ -1,35 +1,46 @@
-"""``megatron-less <command>``: one entry point for the tools users run."""
+"""``megatron-less <command>``: one entry point for the tools users run.
+
+Each command names the package module that implements it, as ``"module"`` (its ``main``) or
+``"module:function"``; ``main(argv) -> exit code`` parses the rest of the command line. The
+module is imported only when its command runs, so ``megatron-less --help`` stays instant.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-COMMANDS = {
+COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("megatron_less.eval.run", "generate and score math benchmarks (avg@k, pass@k, ...)"),
-    "convert-hf": ("tools.convert_hf_to_megatron", "HF Qwen2.5 folder -> megatron checkpoint"),
-    "export-hf": ("tools.convert_megatron_to_hf", "megatron checkpoint -> HF folder"),
-    "prepare-data": ("tools.prepare_data", "write the training file from MATH or a hub dataset"),
+    "convert-hf": ("megatron_less.checkpoints.convert:convert_hf_main",
+                   "HF Qwen2.5 folder -> megatron checkpoint"),
+    "export-hf": ("megatron_less.checkpoints.convert:export_hf_main", "megatron checkpoint -> HF folder"),
+    "prepare-data": ("megatron_less.data.prepare", "write the training file from MATH or a hub dataset"),
 }
+
+
+def command_main(name: str):
+    """The ``main(argv)`` function behind command ``name``."""
+    module, _, func = COMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(module), func or "main")
+
+
+def _usage() -> str:
+    lines = [f"  {name:<14}{help_}" for name, (_, help_) in COMMANDS.items()]
+    return ("usage: megatron-less <command> [options]\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n'megatron-less <command> --help' describes a command's options.")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<14}{help_}" for name, (_, help_) in COMMANDS.items()]
-        msg = "usage: megatron-less <command> [options]\n\ncommands:\n" + "\n".join(lines)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command {argv[0]!r}\n\n{msg}", file=sys.stderr)
-            return 2
-        print(msg)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
         return 0
-    import importlib
-    import os
-
-    # tools/ lives beside the package in a checkout and is not installed as a package
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return command_main(argv[0])(argv[1:])
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the guard is required: conversions may start spawn processes
     sys.exit(main())

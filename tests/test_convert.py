@@ -1,8 +1,9 @@
 """HF <-> Megatron conversion of tiny random Qwen2 models written by transformers.
 
 One 4-rank job does every layout (TP1, TP2, PP2, TP2xPP2): import from HF, logits, save; load
-each checkpoint at another layout, logits; export every checkpoint back to HF. Two CLI runs
-cover the single-command tools. Everything else here runs in the pytest process.
+each checkpoint at another layout, logits; export every checkpoint back to HF. Two command runs
+(``megatron-less convert-hf``, ``tools/convert_megatron_to_hf.py``) cover the commands. Everything
+else here runs in the pytest process.
 """
 
 import json
@@ -15,8 +16,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from megatron_less import checkpoint, convert
-from megatron_less.convert import CheckpointError
+from megatron_less.checkpoints import convert, files, hf
+from megatron_less.checkpoints import model as megatron_ckpt
+from megatron_less.checkpoints.files import CheckpointError
 from megatron_less.models.qwen2 import ConfigError
 from megatron_less.parallel.spawn import run_distributed
 from tests import tiny
@@ -81,24 +83,26 @@ def _job(root, tokens):
     for i, lay in enumerate(LAYOUTS):
         runtime.initialize(*lay, seed=11 + i)
         for name in MODELS:
-            hf = convert.HFCheckpoint(f"{root}/hf_{name}")
-            model = qwen2.build_model(hf.arch, qwen2.transformer_config(hf.arch, tp=lay[0], pp=lay[1]))
-            convert.load_hf_checkpoint(model, hf, hf.arch)
+            src_hf = hf.HFCheckpoint(f"{root}/hf_{name}")
+            config = qwen2.transformer_config(src_hf.arch, tp=lay[0], pp=lay[1])
+            model = qwen2.build_model(src_hf.arch, config)
+            hf.load_hf_checkpoint(model, src_hf, src_hf.arch)
             res["logits"][(name, lay)] = _logits(model, tokens)
             # what training leaves in the padding rows: a later load must not depend on it
-            for rows in _padding_rows(model, hf.arch):
+            for rows in _padding_rows(model, src_hf.arch):
                 rows.fill_(0.5)
-            checkpoint.save_checkpoint(model, ckpt(name, lay), hf.arch, hf_config=hf.config,
-                                       generation_config=hf.generation_config, source=hf.folder)
+            megatron_ckpt.save_checkpoint(model, ckpt(name, lay), src_hf.arch, hf_config=src_hf.config,
+                                          generation_config=src_hf.generation_config, source=src_hf.folder)
             if i:  # the previous layout's checkpoint into a fresh random model of this layout
                 src = LAYOUTS[i - 1]
-                model = qwen2.build_model(hf.arch, qwen2.transformer_config(hf.arch, tp=lay[0], pp=lay[1]))
-                checkpoint.load_checkpoint(model, ckpt(name, src), hf.arch)
+                config = qwen2.transformer_config(src_hf.arch, tp=lay[0], pp=lay[1])
+                model = qwen2.build_model(src_hf.arch, config)
+                megatron_ckpt.load_checkpoint(model, ckpt(name, src), src_hf.arch)
                 res["cross"][(name, lay, src)] = _logits(model, tokens)
-                res["padding_zero"] += [bool((r == 0).all()) for r in _padding_rows(model, hf.arch)]
+                res["padding_zero"] += [bool((r == 0).all()) for r in _padding_rows(model, src_hf.arch)]
     for name in MODELS:
         for lay in LAYOUTS:  # loads at TP1 x PP4 (a fifth layout): one stage (one layer) per rank
-            checkpoint.export_hf(ckpt(name, lay), f"{root}/back_{name}_{lay[0]}x{lay[1]}",
+            convert.export_hf(ckpt(name, lay), f"{root}/back_{name}_{lay[0]}x{lay[1]}",
                                  max_shard_size="60KB" if name == "untied" else "5GB")
     runtime.destroy()
     return res
@@ -148,10 +152,10 @@ def _hf_tensors(folder):
 
 def test_sharded_hf_input_is_read_through_its_index(run):
     folder = f"{run['root']}/hf_untied"
-    assert os.path.exists(f"{folder}/{convert.INDEX_FILE}")
-    hf = convert.HFCheckpoint(folder)
-    assert len(set(hf.weight_map.values())) > 1
-    assert torch.equal(hf["lm_head.weight"], _hf_tensors(folder)["lm_head.weight"])
+    assert os.path.exists(f"{folder}/{hf.INDEX_FILE}")
+    src = hf.HFCheckpoint(folder)
+    assert len(set(src.weight_map.values())) > 1
+    assert torch.equal(src["lm_head.weight"], _hf_tensors(folder)["lm_head.weight"])
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -207,20 +211,20 @@ def test_export_is_a_transformers_checkpoint(run, name):
     assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
     assert os.path.exists(f"{folder}/generation_config.json")
     # 4 stages wrote at least one file each, the untied model at most 60KB per file
-    index = _json(f"{folder}/{convert.INDEX_FILE}")
-    files = set(index["weight_map"].values())
-    assert len(files) >= (9 if name == "untied" else 4)
-    assert sorted(files) == sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    index = _json(f"{folder}/{hf.INDEX_FILE}")
+    shard_files = set(index["weight_map"].values())
+    assert len(shard_files) >= (9 if name == "untied" else 4)
+    assert sorted(shard_files) == sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         assert torch.equal(model(run["tokens"]).logits, run["refs"][name])
 
 
 def test_checkpoint_metadata(run):
-    meta = checkpoint.read_metadata(f"{run['root']}/meg_untied_2x2")
+    meta = megatron_ckpt.read_metadata(f"{run['root']}/meg_untied_2x2")
     assert meta["hf_config"]["vocab_size"] == 300 and meta["hf_config"]["tie_word_embeddings"] is False
     info = meta["megatron_less"]
-    assert info["format_version"] == checkpoint.FORMAT_VERSION and info["dtype"] == "float32"
+    assert info["format_version"] == megatron_ckpt.FORMAT_VERSION and info["dtype"] == "float32"
     assert info["saved_layout"] == {"tp": 2, "pp": 2} and info["source"].endswith("hf_untied")
     assert not [p for p in os.listdir(run["root"]) if p.endswith(".partial")]
 
@@ -230,14 +234,24 @@ def test_load_refuses_another_architecture(run):
 
     other = Qwen2Arch.from_hf(dict(tiny.BASE, vocab_size=300, tie_word_embeddings=True))
     with pytest.raises(ConfigError, match="tie_word_embeddings: model True vs checkpoint False"):
-        checkpoint.load_checkpoint(None, f"{run['root']}/meg_untied_1x1", other)
+        megatron_ckpt.load_checkpoint(None, f"{run['root']}/meg_untied_1x1", other)
 
 
 # --- the command-line tools ---------------------------------------------------------------------
 
+def _run(*argv):
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
 def _tool(name, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args],
-                          capture_output=True, text=True, timeout=300, check=False)
+    """A thin script in tools/."""
+    return _run(os.path.join(REPO, "tools", name), *args)
+
+
+def _cli(*args):
+    """``megatron-less ...`` (the console script runs this module's main)."""
+    return _run("-m", "megatron_less.cli", *args)
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +264,7 @@ def cli(run):
         with open(f"{tok}/{f}", "w") as fh:
             fh.write(f"{f}\n")
     os.makedirs(f"{root}/cli_meg.partial")  # what a crashed earlier run leaves: cleaned up
-    a = _tool("convert_hf_to_megatron.py", "--hf-dir", f"{root}/hf_untied", "--out",
-              f"{root}/cli_meg", "--tp", "2")
+    a = _cli("convert-hf", "--hf-dir", f"{root}/hf_untied", "--out", f"{root}/cli_meg", "--tp", "2")
     assert a.returncode == 0, a.stderr
     b = _tool("convert_megatron_to_hf.py", "--ckpt", f"{root}/cli_meg", "--out", f"{root}/cli_hf",
               "--tokenizer", tok, "--dtype", "bf16", "--max-shard-size", "200KB")
@@ -261,7 +274,7 @@ def cli(run):
 
 def test_cli_roundtrip_with_tokenizer_and_dtype(cli):
     assert not [p for p in os.listdir(cli) if p.endswith(".partial")]
-    meta = checkpoint.read_metadata(f"{cli}/cli_meg")["megatron_less"]
+    meta = megatron_ckpt.read_metadata(f"{cli}/cli_meg")["megatron_less"]
     assert meta["saved_layout"] == {"tp": 2, "pp": 1} and meta["dtype"] == "float32"
     orig = _hf_tensors(f"{cli}/hf_untied")
     back = _hf_tensors(f"{cli}/cli_hf")
@@ -293,27 +306,27 @@ def hf_dir(tmp_path):
 def test_missing_config(hf_dir):
     os.remove(hf_dir / "config.json")
     with pytest.raises(CheckpointError, match="no config.json in"):
-        convert.HFCheckpoint(hf_dir)
+        hf.HFCheckpoint(hf_dir)
 
 
 def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        convert.HFCheckpoint(tmp_path / "nope")
+        hf.HFCheckpoint(tmp_path / "nope")
 
 
 def test_missing_safetensors(hf_dir):
     os.remove(hf_dir / "model.safetensors")
     (hf_dir / "pytorch_model.bin").touch()
     with pytest.raises(CheckpointError, match=r"no model.safetensors or .*\.bin checkpoints are not"):
-        convert.HFCheckpoint(hf_dir)
+        hf.HFCheckpoint(hf_dir)
 
 
 def test_missing_shard_named(tmp_path):
     tiny.hf_model(0).save_pretrained(tmp_path, max_shard_size="100KB")
-    gone = sorted(set(_json(tmp_path / convert.INDEX_FILE)["weight_map"].values()))[1]
+    gone = sorted(set(_json(tmp_path / hf.INDEX_FILE)["weight_map"].values()))[1]
     os.remove(tmp_path / gone)
     with pytest.raises(CheckpointError, match=f"missing from .*: {gone}"):
-        convert.HFCheckpoint(tmp_path)
+        hf.HFCheckpoint(tmp_path)
 
 
 def test_not_qwen2(hf_dir):
@@ -321,7 +334,7 @@ def test_not_qwen2(hf_dir):
     cfg["model_type"] = "llama"
     _put_json(hf_dir / "config.json", cfg)
     with pytest.raises(ConfigError, match="config.json: model_type 'llama' is not supported"):
-        convert.HFCheckpoint(hf_dir)
+        hf.HFCheckpoint(hf_dir)
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(hf_dir):
@@ -330,7 +343,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(hf_dir):
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.k_proj.weight in "
                        r"model.safetensors: the file has \(16, 64\), config.json .* implies \(32, 64\)"):
-        convert.HFCheckpoint(hf_dir)
+        hf.HFCheckpoint(hf_dir)
 
 
 def test_untied_config_needs_lm_head(hf_dir):
@@ -338,7 +351,7 @@ def test_untied_config_needs_lm_head(hf_dir):
     del tensors["lm_head.weight"]
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="lacks tensor.* lm_head.weight .*tie_word_embeddings=false"):
-        convert.HFCheckpoint(hf_dir)
+        hf.HFCheckpoint(hf_dir)
 
 
 def test_config_with_fewer_layers_than_the_weights(hf_dir):
@@ -346,13 +359,13 @@ def test_config_with_fewer_layers_than_the_weights(hf_dir):
     cfg["num_hidden_layers"] = 2
     _put_json(hf_dir / "config.json", cfg)
     with pytest.raises(CheckpointError, match="model.layers.2.* num_hidden_layers=2"):
-        convert.HFCheckpoint(hf_dir)
+        hf.HFCheckpoint(hf_dir)
 
 
 @pytest.mark.parametrize("tp, pp, field", [(3, 1, "num_attention_heads"), (1, 3, "num_hidden_layers")])
 def test_layout_must_divide_the_model(hf_dir, tmp_path, tp, pp, field):
     with pytest.raises(ConfigError, match=field):
-        checkpoint.convert_hf_to_megatron(hf_dir, tmp_path / "out", tp=tp, pp=pp)
+        convert.convert_hf_to_megatron(hf_dir, tmp_path / "out", tp=tp, pp=pp)
     assert not dist.is_initialized() and not (tmp_path / "out").exists()
 
 
@@ -360,7 +373,7 @@ def test_refuses_to_overwrite(hf_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
-        checkpoint.convert_hf_to_megatron(hf_dir, tmp_path / "out")
+        convert.convert_hf_to_megatron(hf_dir, tmp_path / "out")
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
@@ -368,17 +381,17 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "metadata.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not a complete megatron-less checkpoint"):
-        checkpoint.convert_megatron_to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"))
+        convert.convert_megatron_to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"))
 
 
 def test_bad_dtype_and_shard_size():
     with pytest.raises(ConfigError, match="dtype 'int8'"):
-        convert.parse_dtype("int8")
+        files.parse_dtype("int8")
     with pytest.raises(ConfigError, match="max shard size"):
-        checkpoint.parse_size("lots")
-    assert checkpoint.parse_size("5GB") == 5 * 10**9 and checkpoint.parse_size("2MiB") == 2 * 2**20
+        files.parse_size("lots")
+    assert files.parse_size("5GB") == 5 * 10**9 and files.parse_size("2MiB") == 2 * 2**20
 
 
 def test_tokenizer_folder_without_tokenizer_files(tmp_path):
     with pytest.raises(CheckpointError, match="no tokenizer files"):
-        convert.copy_tokenizer(str(tmp_path), str(tmp_path))
+        hf.copy_tokenizer(str(tmp_path), str(tmp_path))

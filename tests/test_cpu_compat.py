@@ -50,7 +50,7 @@ def _train_step_without(tp, pp, names):
                 forward_backward(policy, list(toks.chunk(2)), fwd, num_microbatches=2, seq_length=16, micro_batch_size=2)
                 policy.optimizer.step()
                 if pp == 1:  # one save proves the writer patch; PP runs test the schedule
-                    from megatron_less.checkpoint import save_checkpoint
+                    from megatron_less.checkpoints.model import save_checkpoint
 
                     with tempfile.TemporaryDirectory() as d:
                         save_checkpoint(policy.module, os.path.join(d, "ckpt"), arch, hf_config=dict(tiny.BASE, num_hidden_layers=2))

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, data_dir):
-    from megatron_less.checkpoint import convert_hf_to_megatron
+    from megatron_less.checkpoints.convert import convert_hf_to_megatron
     from megatron_less.data.tiny_tokenizer import build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("evalmodel")

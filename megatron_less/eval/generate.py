@@ -41,7 +41,8 @@ def model_generate_fn(
     ``generate(prompts, n, temperature, top_p, max_tokens) -> list[list[str]]``.
 
     Collective under torchrun: every rank calls it and gets all responses."""
-    from megatron_less import checkpoint, convert
+    from megatron_less.checkpoints.hf import load_hf_checkpoint
+    from megatron_less.checkpoints.model import checkpoint_arch, load_checkpoint
     from megatron_less.data.tokenizer import load_tokenizer
     from megatron_less.models.qwen2 import Qwen2Arch
     from megatron_less.parallel import runtime
@@ -52,7 +53,7 @@ def model_generate_fn(
     if not path.is_dir():
         raise FileNotFoundError(f"model {path} is not a folder (HF checkpoint or megatron-less checkpoint)")
     is_ckpt = _is_megatron_checkpoint(path)
-    arch = checkpoint.checkpoint_arch(path) if is_ckpt else Qwen2Arch.from_hf(path)
+    arch = checkpoint_arch(path) if is_ckpt else Qwen2Arch.from_hf(path)
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
     elif isinstance(tokenizer, (str, os.PathLike)):
@@ -62,9 +63,9 @@ def model_generate_fn(
     runtime.initialize(tp, pp, seed=seed)
     policy = build_policy(arch, tp=tp, pp=pp, params_dtype=dtype)
     if is_ckpt:
-        checkpoint.load_checkpoint(policy.module, path, arch)
+        load_checkpoint(policy.module, path, arch)
     else:
-        convert.load_hf_checkpoint(policy.module, path, arch)
+        load_hf_checkpoint(policy.module, path, arch)
 
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") else "builtin"

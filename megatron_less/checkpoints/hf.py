@@ -1,4 +1,4 @@
-"""HF Qwen2 folders on disk: a lazy, validated safetensors reader and an atomic writer.
+"""HF Qwen2 folders on disk: a lazy, validated safetensors reader and a sharded writer.
 
 The reader checks every tensor's name and shape against config.json from the safetensors
 headers alone (no data is read), so a wrong file fails before any process group or model exists.
@@ -8,7 +8,6 @@ The writer produces what ``transformers.AutoModelForCausalLM.from_pretrained`` e
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 import shutil
@@ -17,34 +16,17 @@ from typing import Any
 
 import torch
 
+from megatron_less.checkpoints.files import CheckpointError, dtype_name, read_json, write_json
 from megatron_less.models import qwen2
 from megatron_less.models.qwen2 import ConfigError, Qwen2Arch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 # What a tokenizer folder may hold; copied verbatim on export.
 TOKENIZER_PATTERNS = ("tokenizer*.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                       "added_tokens.json", "*.model", "*.tiktoken", "chat_template*.jinja",
                       "chat_template.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be read as asked; the message names the file/tensor."""
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is not supported (expected one of bf16, fp16, fp32)")
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def expected_shapes(arch: Qwen2Arch) -> dict[str, tuple[int, ...]]:
@@ -92,13 +74,13 @@ class HFCheckpoint:
         cfg_path = os.path.join(self.folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise CheckpointError(f"no config.json in {self.folder}")
-        self.config: dict[str, Any] = _read_json(cfg_path)
+        self.config: dict[str, Any] = read_json(cfg_path)
         try:
             self.arch = Qwen2Arch.from_hf(self.config)
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from None
         gen = os.path.join(self.folder, "generation_config.json")
-        self.generation_config = _read_json(gen) if os.path.isfile(gen) else None
+        self.generation_config = read_json(gen) if os.path.isfile(gen) else None
         self._handles: dict[str, Any] = {}
         self.weight_map = self._weight_map()
         self._validate()
@@ -106,7 +88,7 @@ class HFCheckpoint:
     def _weight_map(self) -> dict[str, str]:
         index = os.path.join(self.folder, INDEX_FILE)
         if os.path.isfile(index):
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} has no 'weight_map'")
             missing = sorted({f for f in weight_map.values()
@@ -244,13 +226,13 @@ def finalize_hf_folder(folder: str, shards: list[tuple[str, list[str], int]], co
     if total > 1:
         index = {"metadata": {"total_size": sum(s for _, _, s in shards)},
                  "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(os.path.join(folder, INDEX_FILE), index)
-    _write_json(os.path.join(folder, "config.json"), config)
+        write_json(os.path.join(folder, INDEX_FILE), index)
+    write_json(os.path.join(folder, "config.json"), config)
     gen = dict(generation_config or {"_from_model_config": True})
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if k not in gen and config.get(k) is not None:
             gen[k] = config[k]
-    _write_json(os.path.join(folder, "generation_config.json"), gen)
+    write_json(os.path.join(folder, "generation_config.json"), gen)
     if tokenizer_dir:
         copy_tokenizer(tokenizer_dir, folder)
 
@@ -266,41 +248,3 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
     for f in files:
         shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
     return files
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def prepare_output_dir(out: str) -> str:
-    """The temporary sibling folder to write into; renamed onto ``out`` only when complete, so a
-    crash never leaves a folder at ``out`` that looks like a finished checkpoint."""
-    out = os.path.abspath(out)
-    refuse_existing(out)
-    tmp = out.rstrip(os.sep) + ".partial"
-    if os.path.exists(tmp):  # left by a crashed run
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    return tmp
-
-
-def refuse_existing(out: str | os.PathLike) -> None:
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"output folder {out} exists and is not empty; refusing to overwrite")
-
-
-def publish_output_dir(tmp: str, out: str) -> None:
-    out = os.path.abspath(out)
-    if os.path.isdir(out) and not os.listdir(out):
-        os.rmdir(out)
-    os.rename(tmp, out)
