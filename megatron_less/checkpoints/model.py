@@ -17,10 +17,8 @@ the padding is identical at every layout (and the same as a fresh HF import).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -37,6 +35,7 @@ from megatron_less.checkpoints.files import (
 )
 from megatron_less.checkpoints.hf import check_same_arch
 from megatron_less.models.qwen2 import Qwen2Arch
+from megatron_less.parallel import mcore_compat
 
 META_FILE = "megatron_less.json"
 FORMAT_VERSION = 1
@@ -87,29 +86,16 @@ def rank0_then_all(fn, *args):
         raise CheckpointError(msg[0])
 
 
-@contextlib.contextmanager
-def _sync_save():
-    """A synchronous save writes and collects its results in this process, so the writer's
-    result queue need not be a multiprocessing Manager queue (which spawns a server process,
-    seconds per rank, and needs a ``__main__`` guard in every entry point)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
-
-    make_queue = fsa.__dict__.get("_get_write_results_queue")
-    if make_queue is not None:
-        fsa._get_write_results_queue = queue.Queue
-    try:
-        yield
-    finally:
-        if make_queue is not None:
-            fsa._get_write_results_queue = make_queue
-
-
 def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config: dict,
-                    generation_config: dict | None = None, source: str | None = None) -> str:
+                    generation_config: dict | None = None, source: str | None = None,
+                    extra_sharded: dict | None = None, on_disk: Callable[[str], None] | None = None) -> str:
     """Save this job's model (every rank its stage/shard) as a torch_dist checkpoint at ``out``.
 
     ``hf_config`` is the source's config.json dict (kept verbatim for the exported config.json).
-    ``out`` must not exist or be empty. Returns the absolute path."""
+    ``out`` must not exist or be empty. Returns the absolute path. A training checkpoint adds
+    ``extra_sharded`` (e.g. the optimizer's sharded state, saved in the same torch_dist files;
+    the model's keys stay top-level, so a model-only load reads it) and ``on_disk(folder)``,
+    called on every rank before the folder is published, for its own files."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
@@ -118,8 +104,10 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
     tmp = partial_dir(out)
     rank0_then_all(prepare_output_dir, out)
     dtype = next(model.parameters()).dtype
-    with _sync_save():
-        dist_checkpointing.save(model.sharded_state_dict(), tmp)
+    with mcore_compat.sync_save():  # no Manager process for a save made in this process
+        dist_checkpointing.save({**model.sharded_state_dict(), **(extra_sharded or {})}, tmp)
+    if on_disk is not None:
+        on_disk(tmp)
     meta = {
         "hf_config": hf_config,
         "generation_config": generation_config,
@@ -145,14 +133,22 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
 @torch.no_grad()
 def load_checkpoint(model, ckpt_dir: str | os.PathLike, arch: Qwen2Arch) -> dict[str, Any]:
     """Load a checkpoint saved at any TP/PP into this rank's stage/shard; returns its metadata."""
+    return load_with(model, ckpt_dir, arch, {})[0]
+
+
+@torch.no_grad()
+def load_with(model, ckpt_dir: str | os.PathLike, arch: Qwen2Arch, extra_sharded: dict) -> tuple[dict, dict]:
+    """`load_checkpoint` that also reads ``extra_sharded`` (sharded state saved beside the model,
+    e.g. the optimizer's); returns (metadata, the loaded extra state)."""
     meta = read_metadata(ckpt_dir)
     check_same_arch(arch, Qwen2Arch.from_hf(meta["hf_config"]), str(ckpt_dir))
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), os.fspath(ckpt_dir))
-    model.load_state_dict(state, strict=True)
+    model_sd = model.sharded_state_dict()
+    state = dist_checkpointing.load({**model_sd, **extra_sharded}, os.fspath(ckpt_dir))
+    model.load_state_dict({k: state[k] for k in model_sd}, strict=True)
     zero_vocab_padding(model, arch)
-    return meta
+    return meta, {k: state[k] for k in extra_sharded}
 
 
 @torch.no_grad()
