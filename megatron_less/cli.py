@@ -11,6 +11,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megatron_less.trainer.cli", "GRPO (+ LESS) training from a YAML config, under torchrun or alone"),
     "eval": ("megatron_less.eval.run", "generate and score math benchmarks (avg@k, pass@k, ...)"),
     "convert-hf": ("megatron_less.checkpoints.convert:convert_hf_main",
                    "HF Qwen2.5 folder -> megatron checkpoint"),

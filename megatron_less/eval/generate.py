@@ -46,8 +46,7 @@ def model_generate_fn(
     from megatron_less.data.tokenizer import load_tokenizer
     from megatron_less.models.qwen2 import Qwen2Arch
     from megatron_less.parallel import runtime
-    from megatron_less.rollout.base import SamplingParams
-    from megatron_less.models.policy import build_policy
+    from megatron_less.models.policy import build_frozen
 
     path = Path(model)
     if not path.is_dir():
@@ -61,11 +60,11 @@ def model_generate_fn(
     stop = _stop_ids(tokenizer, path)
 
     runtime.initialize(tp, pp, seed=seed)
-    policy = build_policy(arch, tp=tp, pp=pp, params_dtype=dtype)
+    model_chunks = build_frozen(arch, tp=tp, pp=pp, params_dtype=dtype)
     if is_ckpt:
-        load_checkpoint(policy.module, path, arch)
+        load_checkpoint(model_chunks[0], path, arch)
     else:
-        load_hf_checkpoint(policy.module, path, arch)
+        load_hf_checkpoint(model_chunks[0], path, arch)
 
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") else "builtin"
@@ -74,18 +73,26 @@ def model_generate_fn(
 
         rollout = VLLMEngine(arch, rollout_tp=rollout_tp, seed=seed,
                              dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float16"))
-        rollout.sync_weights(policy.module)
+        rollout.sync_weights(model_chunks[0])
     elif engine == "builtin":
         from megatron_less.rollout.builtin import BuiltinSampler
 
-        rollout = BuiltinSampler(policy.model, arch)
+        rollout = BuiltinSampler(model_chunks, arch)
     else:
         raise ValueError(f"engine must be 'auto', 'vllm' or 'builtin', got {engine!r}")
+
+    return engine_generate_fn(rollout, tokenizer, stop, seed)
+
+
+def engine_generate_fn(rollout, tokenizer, stop_ids: tuple[int, ...], seed: int):
+    """Text in, text out over a rollout engine (collective, as the engine's ``generate``); the
+    trainer's in-run evaluation and the eval command share it."""
+    from megatron_less.rollout.base import SamplingParams
 
     def generate(prompts, n, temperature, top_p, max_tokens):
         ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                seed=seed, stop_token_ids=stop)
+                                seed=seed, stop_token_ids=stop_ids)
         out = rollout.generate(ids, n, params)
         return [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in out]
 
