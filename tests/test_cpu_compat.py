@@ -1,17 +1,23 @@
-"""Every CPU patch of megatron-core is still needed: removing it breaks a real training step.
+"""Every patch of megatron-core (``parallel/mcore_compat.py``) is still needed: removing a CPU
+patch breaks a real training step; saving without ``sync_save`` starts a Manager process that
+re-imports ``__main__``.
 
 When a megatron-core upgrade fixes one of these spots, its test here fails: delete the patch."""
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from megatron_less.parallel import cpu_compat
+from megatron_less.parallel import mcore_compat
 from megatron_less.parallel.spawn import run_distributed
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="patches apply only without CUDA")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches apply only without CUDA")
 
 SINGLE_PROCESS = [
     "rotary_device", "rng_tracker", "schedule_device", "causal_mask", "ddp_buffers",
@@ -25,7 +31,7 @@ PIPELINE = ["tied_embedding_sync", None, "p2p_device"]
 def _train_step_without(tp, pp, names):
     """A full step (build, forward/backward over 2 micro-batches, clipped Adam step, torch_dist
     checkpoint save) with one patch removed at a time; returns the error per patch (None: it
-    worked)."""
+    worked), and under PP the tied embedding/output weight this stage holds after the build."""
     import tempfile
     from megatron_less.models import qwen2
     from megatron_less.parallel import runtime
@@ -36,10 +42,12 @@ def _train_step_without(tp, pp, names):
     arch = qwen2.Qwen2Arch.from_hf(dict(tiny.BASE, num_hidden_layers=2))
     out = {}
     for name in names:
-        ctx = cpu_compat.without(name) if name else contextlib.nullcontext()
+        ctx = mcore_compat.without(name) if name else contextlib.nullcontext()
         with ctx:
             try:
                 policy = build_policy(arch, tp=tp, pp=pp, optim=OptimConfig(clip_grad=1.0))
+                if name is None and pp > 1:
+                    out["tied_weight"] = policy.module.shared_embedding_or_output_weight().detach().clone()
                 toks = torch.randint(0, arch.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
 
                 def fwd(it, model):
@@ -70,15 +78,18 @@ def pipeline():
     return run_distributed(_train_step_without, 2, (1, 2, PIPELINE), timeout=300)
 
 
+@cpu_only
 def test_every_patch_is_covered():
-    assert set(SINGLE_PROCESS) | {n for n in PIPELINE if n} == set(cpu_compat.PATCHES)
+    assert set(SINGLE_PROCESS) | {n for n in PIPELINE if n} == set(mcore_compat.PATCHES)
 
 
+@cpu_only
 def test_step_works_with_all_patches(single, pipeline):
     assert single[None] is None
     assert [r[None] for r in pipeline] == [None, None]
 
 
+@cpu_only
 @pytest.mark.parametrize("name", SINGLE_PROCESS)
 def test_patch_still_needed(single, name):
     err = single[name]
@@ -86,18 +97,80 @@ def test_patch_still_needed(single, name):
     assert "CUDA" in err or "AssertionError" in err, err
 
 
+@cpu_only
 @pytest.mark.parametrize("name", [n for n in PIPELINE if n])
 def test_pipeline_patch_still_needed(pipeline, name):
     errs = [r[name] for r in pipeline]
     assert any(e and "CUDA" in e for e in errs), f"patch {name!r} no longer needed? {errs}"
 
 
+@cpu_only
 def test_torch_itself_is_untouched():
     import torch as t
 
-    cpu_compat.apply()
+    mcore_compat.apply()
     assert t.zeros.__module__ is None or "megatron_less" not in str(t.zeros.__module__)
     assert type(t.zeros).__name__ == "builtin_function_or_method"
     with pytest.raises((AssertionError, RuntimeError)):
         t.cuda.current_device()
     assert t.Tensor.cuda.__qualname__ == "TensorBase.cuda"
+
+
+@cpu_only
+def test_tied_embedding_is_synced_across_stages(pipeline):
+    # the last stage's copy is zeroed by megatron and filled by the all-reduce the patch runs
+    first, last = (r["tied_weight"] for r in pipeline)
+    assert first.abs().sum() > 0 and torch.equal(first, last)
+
+
+# --- all platforms: sync_save -------------------------------------------------------------------
+
+# Run as a script: a spawned process re-imports it as __mp_main__ and logs that on line 1.
+SAVE_SCRIPT = textwrap.dedent('''
+    import sys
+    with open(sys.argv[1], "a") as log:
+        log.write(__name__ + "\\n")
+
+    if __name__ == "__main__":
+        import json, multiprocessing, os
+        import torch, torch.distributed as dist
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
+        from megatron_less.parallel import mcore_compat
+
+        mcore_compat.apply()  # the CPU patches (a no-op with CUDA)
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=0, world_size=1)
+
+        def save(folder):
+            sd = {"w": ShardedTensor.from_rank_offsets("w", torch.arange(4.0))}
+            os.makedirs(os.path.join(sys.argv[2], folder))
+            dist_checkpointing.save(sd, os.path.join(sys.argv[2], folder))
+            return [p.name for p in multiprocessing.active_children()]
+
+        with mcore_compat.sync_save():
+            children = {"sync_save": save("a")}
+        with open(sys.argv[1]) as log:
+            children["log_after_sync_save"] = log.read().split()
+        children["plain"] = save("b")
+        print(json.dumps(children))
+        dist.destroy_process_group()
+''')
+
+
+def test_sync_save_avoids_a_manager_process(tmp_path):
+    from megatron_less.parallel.spawn import free_port
+
+    script, log = tmp_path / "save.py", tmp_path / "log"
+    script.write_text(SAVE_SCRIPT)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, str(script), str(log), str(tmp_path), str(free_port())],
+                       capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    # with the patch: no process, __main__ imported once
+    assert got["sync_save"] == [] and got["log_after_sync_save"] == ["__main__"]
+    # without it megatron starts a Manager server process, which re-imports the script: an
+    # entry point without a __main__ guard would run its work again in that process.
+    assert len(got["plain"]) == 1, got
+    assert log.read_text().split() == ["__main__", "__mp_main__"]
+    assert (tmp_path / "a" / "metadata.json").exists() and (tmp_path / "b" / "metadata.json").exists()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_less.parallel import cpu_compat
+from megatron_less.parallel import mcore_compat
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def initialize(
     layout = ParallelLayout(tp, pp)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout.validate(world_size)
-    cpu_compat.apply()
+    mcore_compat.apply()
 
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:

@@ -36,7 +36,7 @@ def main() -> int:
 
     from megatron_less.models import qwen2
     from megatron_less.models.schedule import forward_logits
-    from megatron_less.parallel import cpu_compat, runtime
+    from megatron_less.parallel import mcore_compat, runtime
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.rollout.builtin import BuiltinSampler
     from megatron_less.models.policy import OptimConfig, build_policy, forward_backward
@@ -48,7 +48,7 @@ def main() -> int:
           f"device {torch.cuda.get_device_name() if on_gpu else 'cpu (dry run)'}", flush=True)
     runtime.initialize(1, 1, seed=1)
     if on_gpu:
-        check("no CPU patches with CUDA", not cpu_compat.apply() and not any(p.saved for p in cpu_compat.PATCHES.values()))
+        check("no CPU patches with CUDA", not mcore_compat.apply() and not any(p.saved for p in mcore_compat.PATCHES.values()))
 
     hf = tiny.hf_model(0, **tiny.ROLLOUT).to(dev)
     arch = qwen2.Qwen2Arch.from_hf(hf.config)

@@ -1,26 +1,33 @@
-"""The only place that patches megatron-core so it runs without CUDA (CPU + gloo).
+"""The only place that patches megatron-core. Two sections:
 
-megatron-core assumes a GPU in a handful of spots: ``torch.cuda.current_device()`` as a device,
-``torch.cuda.synchronize()``, CUDA RNG state get/set, ``device="cuda"`` literals and
-``'torch.cuda.FloatTensor'`` type strings. Every fix here is scoped to the megatron module that
-needs it: the module's global name ``torch`` is swapped for a thin proxy that answers those calls
-for the CPU and forwards everything else to the real ``torch``. torch itself is never touched
-(wrapping torch factory functions process-wide silently corrupted HF ``from_pretrained``).
+CPU (``PATCHES``, ``apply``, ``without``): megatron-core assumes a GPU in a handful of spots:
+``torch.cuda.current_device()`` as a device, ``torch.cuda.synchronize()``, CUDA RNG state
+get/set, ``device="cuda"`` literals, ``'torch.cuda.FloatTensor'`` type strings and a
+``weight.data.cuda()``. Every fix is scoped to the megatron module that needs it: mostly the
+module's global name ``torch`` is swapped for a thin proxy that answers those calls for the CPU
+and forwards everything else to the real ``torch``. torch itself is never touched (wrapping
+torch factory functions process-wide silently corrupted HF ``from_pretrained``). These patches
+are applied only when CUDA is unavailable.
 
-Patches are applied only when CUDA is unavailable. Each one has a test in
-``tests/test_cpu_compat.py`` that removes it and shows the code path breaking, so a
-megatron-core upgrade that makes a patch unnecessary is noticed.
+All platforms (``sync_save``): a synchronous torch_dist save made without a multiprocessing
+Manager process; scoped to the ``with`` block.
+
+Each patch has a test in ``tests/test_cpu_compat.py`` that removes it and shows what breaks (or
+what it costs), so a megatron-core upgrade that makes a patch unnecessary is noticed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import queue
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
+
+# --- CPU only ----------------------------------------------------------------------------------
 
 def _cpu_device(device):
     """Map CUDA device designators to the CPU (megatron passes 'cuda', ints, torch.device)."""
@@ -131,16 +138,30 @@ def _takes_original(make) -> bool:
     return make.__code__.co_argcount == 1
 
 
-def _tensor_cuda_is_identity(method):
-    """Run ``method`` with ``Tensor.cuda`` answering the tensor itself, for that call only."""
+def _sync_tied_embedding_on_cpu(method):
+    """``LanguageModule.setup_embeddings_and_output_layer`` ends, for the stages that share the
+    embedding, with ``weight.data = weight.data.cuda()`` and an all-reduce over the embedding
+    group, both behind ``if self._is_in_embd_group():``. For the duration of the call that guard
+    answers "no" on this one model object (an instance attribute shadowing the method), so
+    megatron runs everything else unchanged and never reaches the CUDA move; the all-reduce it
+    skipped then runs here on the CPU weight. Nothing process-wide (no ``Tensor.cuda`` swap)."""
 
-    def wrapper(*args, **kwargs):
-        cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda t, *a, **k: t
+    def wrapper(self, *args, **kwargs):
+        reached = []
+
+        def not_in_group():
+            reached.append(True)  # megatron got to the sync: it must still happen
+            return False
+
+        self.__dict__["_is_in_embd_group"] = not_in_group
         try:
-            return method(*args, **kwargs)
+            out = method(self, *args, **kwargs)
         finally:
-            torch.Tensor.cuda = cuda
+            del self.__dict__["_is_in_embd_group"]
+        if reached and self._is_in_embd_group():
+            weight = self.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(weight.data, group=self.embd_group)
+        return out
 
     wrapper.__name__ = method.__name__
     return wrapper
@@ -226,7 +247,7 @@ PATCHES: dict[str, Patch] = {
             "PP stages sharing the embedding move it with weight.data.cuda() before all-reduce",
             {
                 "megatron.core.models.common.language_module.language_module": {
-                    "LanguageModule.setup_embeddings_and_output_layer": _tensor_cuda_is_identity,
+                    "LanguageModule.setup_embeddings_and_output_layer": _sync_tied_embedding_on_cpu,
                 }
             },
         ),
@@ -276,3 +297,26 @@ def without(name: str) -> Iterator[None]:
     finally:
         if _applied:
             patch.apply()
+
+
+# --- all platforms ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def sync_save() -> Iterator[None]:
+    """Around a synchronous ``dist_checkpointing.save``: the torch_dist writer hands its results
+    back through a queue from ``filesystem_async._get_write_results_queue``, always a
+    ``multiprocessing`` Manager queue (made for async saves, whose writer is another process).
+    Starting that Manager spawns a server process, which costs seconds per rank and re-imports
+    the caller's ``__main__`` (every entry point would need a ``__main__`` guard). A synchronous
+    save writes and collects in this process, so a plain ``queue.Queue`` serves; the function is
+    swapped only for the block and restored after."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    make_queue = fsa.__dict__.get("_get_write_results_queue")
+    if make_queue is not None:  # megatron versions without it need nothing here
+        fsa._get_write_results_queue = queue.Queue
+    try:
+        yield
+    finally:
+        if make_queue is not None:
+            fsa._get_write_results_queue = make_queue
