@@ -1,7 +1,9 @@
 """The rollout interface: prompts in, sampled responses with their log-probs out.
 
-Log-probs are those of the distribution actually sampled from (logits / temperature, before
-top-p), for both engines, so the trainer can compare them with its own recomputation.
+The log-prob contract, the same for every engine and any temperature, top-p and top-k: each
+returned log-prob is log softmax(logits / T)[token] over the full (real) vocabulary - the
+tempered distribution *before* top-k/top-p truncation, not renormalised over the kept set.
+That is what the trainer recomputes as its old log-probs. Greedy (T = 0): log softmax(logits).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class SamplingParams:
 @dataclass
 class Response:
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float]  # per token, log softmax(logits / T) over the full vocabulary
     finish_reason: str  # "stop" (a stop token was sampled, and is included) or "length"
     extra: dict = field(default_factory=dict)
 
@@ -46,8 +48,9 @@ class RolloutEngine(abc.ABC):
     def generate(
         self, prompts: list[list[int]], n: int, params: SamplingParams
     ) -> list[list[Response]]:
-        """``n`` responses for each prompt (token ids), in prompt order. Collective: every rank
-        of the job calls it with the same prompts and gets every result back."""
+        """``n`` responses for each prompt (token ids), in prompt order, each token with its
+        log-prob as the module docstring defines it (untruncated, tempered). Collective: every
+        rank of the job calls it with the same prompts and gets every result back."""
 
     @abc.abstractmethod
     def sync_weights(self, model) -> dict:

@@ -1,5 +1,6 @@
 """Next-token sampling with temperature, top-k and top-p, reporting the sampled token's log-prob
-under the tempered distribution (what vLLM calls processed log-probs)."""
+under the tempered distribution over the full vocabulary, before truncation (the contract in
+rollout/base.py)."""
 
 from __future__ import annotations
 

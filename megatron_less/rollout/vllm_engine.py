@@ -68,6 +68,8 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"rollout_tp ({rollout_tp}) must divide the world size ({world})")
         from vllm import LLM
 
+        from megatron_less.rollout.vllm_logprobs import TemperedLogProbs
+
         self.arch = arch
         self.rollout_tp = rollout_tp
         self.bucket_bytes = bucket_bytes
@@ -86,7 +88,10 @@ class VLLMEngine(RolloutEngine):
             max_model_len=min(max_model_len or arch.max_position_embeddings, arch.max_position_embeddings),
             seed=seed,
             enforce_eager=not on_gpu,
-            logprobs_mode="processed_logprobs",  # log-probs of the tempered distribution
+            # the processor turns rows into log_softmax(z / T); the sampled token's processed
+            # logit is then its log-prob over the full vocabulary (see vllm_logprobs.py)
+            logprobs_mode="processed_logits",
+            logits_processors=[TemperedLogProbs],
             enable_prefix_caching=True,
         )
         if on_gpu:
@@ -108,13 +113,17 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompts, n, params: SamplingParams):
         from vllm import SamplingParams as VSP
 
+        from megatron_less.rollout.vllm_logprobs import KEY
+
         replica, replicas = self._replica()
         requests = [(i, j) for i in range(len(prompts)) for j in range(n)][replica::replicas]
         inputs = [{"prompt_token_ids": list(prompts[i])} for i, _ in requests]
         sps = [
             VSP(
                 n=1,
-                temperature=params.temperature,
+                # the temperature is applied by TemperedLogProbs, so vLLM samples at 1 (0: greedy)
+                temperature=1.0 if params.temperature > 0 else 0.0,
+                extra_args={KEY: params.temperature},
                 top_p=params.top_p,
                 top_k=params.top_k if params.top_k > 0 else 0,
                 max_tokens=params.max_tokens,
