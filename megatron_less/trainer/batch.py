@@ -1,0 +1,112 @@
+"""From a rollout batch to what the model and the losses take.
+
+Placement: the rollout batch is cut into optimizer mini-batches of whole prompts; inside each, the
+prompts' groups (all n responses of a prompt) go to data-parallel ranks, the same number to each,
+balanced by token count. A group never spans ranks, so group statistics and LESS need no
+cross-rank gather.
+
+Micro-batches: a rank's sequences (prompt + response) sorted by length and packed greedily under a
+token budget (rows x longest row), each padded only to its own longest row. Right padding under a
+causal mask leaves the real positions untouched, so results equal the unpadded computation.
+Per-token values are kept per response, [B, T_resp] padded ("response layout"); a micro-batch
+lays them out on the logits' positions: the token at sequence position p is predicted at p - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sequence:
+    group: int  # prompt index inside the rollout batch
+    prompt: list[int]
+    response: list[int]
+    rollout_logprobs: list[float]
+    finish_reason: str
+    reward: float = 0.0
+    correct: bool = False
+    scored: str = "ok"  # ok | no_answer | timeout | error
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.response)
+
+
+def assign_groups(group_tokens: list[int], mini_batch_prompts: int, dp: int) -> list[list[list[int]]]:
+    """[mini-batch][dp rank] -> group ids. Equal counts per rank; largest groups first to the
+    least-loaded rank with room (deterministic: ties go to the lower rank / group id)."""
+    out = []
+    per_rank = mini_batch_prompts // dp
+    for start in range(0, len(group_tokens), mini_batch_prompts):
+        ids = range(start, min(start + mini_batch_prompts, len(group_tokens)))
+        load, ranks = [0] * dp, [[] for _ in range(dp)]
+        for g in sorted(ids, key=lambda g: (-group_tokens[g], g)):
+            r = min((r for r in range(dp) if len(ranks[r]) < per_rank), key=lambda r: (load[r], r))
+            ranks[r].append(g)
+            load[r] += group_tokens[g]
+        out.append([sorted(r) for r in ranks])
+    return out
+
+
+def response_matrix(rows: list[list], dtype, pad=0) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), pad, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
+    return out
+
+
+@dataclass
+class MicroBatch:
+    rows: list[int]  # indices into the rank's sequence list
+    tokens: torch.Tensor  # [b, S] prompt + response, right-padded
+    target: torch.Tensor  # [b, S-1] = tokens[:, 1:]
+    loss_mask: torch.Tensor  # [b, S-1] True where the target is a response token
+    extra: dict = field(default_factory=dict)  # per-token values in the logits layout [b, S-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def plan_microbatches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Rows grouped so that rows x longest row <= budget (a longer row goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    plans, cur, longest = [], [], 0
+    for i in order:
+        wider = max(longest, lengths[i])
+        if cur and wider * (len(cur) + 1) > token_budget:
+            plans.append(cur)
+            cur, wider = [], lengths[i]
+        cur.append(i)
+        longest = wider
+    if cur:
+        plans.append(cur)
+    return plans
+
+
+def build_microbatch(seqs: list[Sequence], rows: list[int], per_token: dict[str, torch.Tensor]) -> MicroBatch:
+    """``per_token``: name -> [N, T_resp] tensors in response layout over all of ``seqs``."""
+    chosen = [seqs[i] for i in rows]
+    width = max(s.length for s in chosen)
+    tokens = torch.zeros(len(chosen), width, dtype=torch.long)
+    # every sequence has a prompt token and a response token, so width >= 2
+    mask = torch.zeros(len(chosen), width - 1, dtype=torch.bool)
+    extra = {k: torch.zeros(len(chosen), width - 1, dtype=v.dtype) for k, v in per_token.items()}
+    for k, s in enumerate(chosen):
+        p, r = len(s.prompt), len(s.response)
+        tokens[k, : s.length] = torch.tensor(s.prompt + s.response)
+        mask[k, p - 1 : p - 1 + r] = True
+        for name, v in per_token.items():
+            extra[name][k, p - 1 : p - 1 + r] = v[rows[k], :r]
+    return MicroBatch(rows, tokens, tokens[:, 1:], mask, extra)
+
+
+def to_response_layout(mb: MicroBatch, values: torch.Tensor, seqs: list[Sequence], out: torch.Tensor) -> None:
+    """Scatter [b, S-1] logits-layout values of ``mb`` back into ``out`` [N, T_resp]."""
+    for k, i in enumerate(mb.rows):
+        p, r = len(seqs[i].prompt), len(seqs[i].response)
+        out[i, :r] = values[k, p - 1 : p - 1 + r]

@@ -1,0 +1,307 @@
+"""The training config: typed, nested (pydantic), read from YAML with dotted overrides, validated
+before any process starts. Every error names the key (``rollout.n``) and what is wrong with it."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Section):
+    hf_dir: str | None = None  # an HF Qwen2/Qwen2.5 folder to start from
+    checkpoint: str | None = None  # or a megatron-less checkpoint (convert-hf output)
+    tokenizer: str | None = None  # default: hf_dir
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.hf_dir is None) == (self.checkpoint is None):
+            raise ValueError("set exactly one of model.hf_dir and model.checkpoint")
+        if self.checkpoint is not None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is required with model.checkpoint (a checkpoint holds no tokenizer)")
+        return self
+
+
+class ParallelCfg(_Section):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+
+
+class DataCfg(_Section):
+    train_file: str  # JSON Lines with prompt / answer (megatron-less prepare-data writes it)
+    template: Literal["none", "qwen_math", "plain"] = "none"  # applied to rows written with "none"
+    max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts are skipped and counted
+    skip_bad_rows: bool = False
+    shuffle: bool = True
+
+
+class RolloutCfg(_Section):
+    engine: Literal["auto", "vllm", "builtin"] = "auto"  # auto: vLLM when installed
+    n: int = Field(8, ge=1)  # responses per prompt
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    max_tokens: int = Field(3072, ge=1)
+    rollout_tp: int = Field(1, ge=1)
+    kv_cache_gib: float | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+
+
+class BatchCfg(_Section):
+    prompts_per_step: int = Field(512, ge=1)  # one rollout batch
+    mini_batch_prompts: int = Field(32, ge=1)  # prompts per optimizer step
+    micro_batch_tokens: int = Field(16384, ge=1)  # token budget of one micro-batch (padded)
+    ppo_epochs: int = Field(1, ge=1)
+
+
+class AlgoCfg(_Section):
+    advantage: str = "grpo"
+    advantage_kwargs: dict[str, Any] = {}
+    shaper: str = "less"
+    shaper_kwargs: dict[str, Any] = {"mu": 5, "quantile": 0.8}
+    policy_loss: str = "ppo_clip"
+    loss_kwargs: dict[str, Any] = {}
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+    kl_coef: float = Field(0.0, ge=0)
+    kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
+    entropy_coef: float = 0.0
+
+    @model_validator(mode="after")
+    def _registered(self):
+        from megatron_less.algos import list_registered
+
+        for kind, field in (("advantage", "advantage"), ("shaper", "shaper"), ("policy_loss", "policy_loss")):
+            name, valid = getattr(self, field), list_registered(kind)
+            if name not in valid:
+                raise ValueError(f"algo.{field}: unknown {kind} {name!r}{_closest(name, valid)}; valid: {valid}")
+        return self
+
+
+class OptimCfg(_Section):
+    lr: float = Field(1e-6, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)  # optimizer steps of linear warm-up
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0)
+    use_distributed_optimizer: bool = False
+
+
+class RewardCfg(_Section):
+    timeout_s: float = Field(5.0, gt=0)  # CPU seconds per response; a timeout scores 0
+    workers: int | None = Field(None, ge=1)
+
+
+class TrainCfg(_Section):
+    steps: int = Field(100, ge=1)  # rollout steps (each: generate, score, 1+ optimizer steps)
+    # end this job after so many steps (checkpointing first), e.g. to fit a scheduler's time
+    # limit; the next job with checkpoint.resume=auto goes on from there
+    stop_after_steps: int | None = Field(None, ge=1)
+
+
+class EvalCfg(_Section):
+    every: int = Field(0, ge=0)  # 0: never during training
+    benchmarks: list[str] = ["math500"]
+    n: int = Field(4, ge=1)
+    temperature: float = Field(0.1, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1024, ge=1)
+    limit: int | None = Field(None, ge=1)  # problems per benchmark
+    template: Literal["none", "qwen_math", "plain"] = "qwen_math"
+
+
+class CheckpointCfg(_Section):
+    every: int = Field(0, ge=0)  # 0: only at the end
+    keep: int = Field(3, ge=1)
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir), none, or a folder
+    export_hf: bool = False  # write an HF folder at the end (output_dir/hf)
+
+
+class LogCfg(_Section):
+    tensorboard: bool = True
+    rollouts_per_step: int = Field(4, ge=0)  # responses saved to rollouts.jsonl each step
+    progress: bool = True
+
+
+class Config(_Section):
+    seed: int = 1
+    output_dir: str = "runs/default"
+    model: ModelCfg
+    parallel: ParallelCfg = ParallelCfg()
+    data: DataCfg
+    rollout: RolloutCfg = RolloutCfg()
+    batch: BatchCfg = BatchCfg()
+    algo: AlgoCfg = AlgoCfg()
+    optim: OptimCfg = OptimCfg()
+    reward: RewardCfg = RewardCfg()
+    train: TrainCfg = TrainCfg()
+    eval: EvalCfg = EvalCfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    log: LogCfg = LogCfg()
+
+    @model_validator(mode="after")
+    def _batches(self):
+        b = self.batch
+        if b.prompts_per_step % b.mini_batch_prompts:
+            raise ValueError(
+                f"batch.prompts_per_step ({b.prompts_per_step}) must be a multiple of "
+                f"batch.mini_batch_prompts ({b.mini_batch_prompts})"
+            )
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError(f"optim.min_lr ({self.optim.min_lr}) exceeds optim.lr ({self.optim.lr})")
+        return self
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _closest(name: str, valid) -> str:
+    match = difflib.get_close_matches(str(name), list(valid), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _section_fields(path: tuple) -> list[str]:
+    model: Any = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if isinstance(p, str))
+        key = ".".join(loc) or "config"
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(loc[:-1])
+            lines.append(f"{key}: unknown key{_closest(loc[-1], valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) or e["type"].startswith("value_error") else f" (got {got!r})"
+            lines.append(f"{key}: {msg}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def apply_override(tree: dict, item: str) -> None:
+    """``key.sub=value`` -> tree["key"]["sub"] = value, the value read as YAML (1e-6, true, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. rollout.n=8)")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key part")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def build_config(tree: dict, *, check_paths: bool = True) -> Config:
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+    if check_paths:
+        check_paths_exist(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, check_paths: bool = True) -> Config:
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(tree, item)
+    return build_config(tree, check_paths=check_paths)
+
+
+def check_paths_exist(cfg: Config) -> None:
+    checks = [("data.train_file", cfg.data.train_file, "file"), ("model.hf_dir", cfg.model.hf_dir, "dir"),
+              ("model.checkpoint", cfg.model.checkpoint, "dir"), ("model.tokenizer", cfg.model.tokenizer, "any")]
+    for key, value, kind in checks:
+        if value is None:
+            continue
+        p = Path(value)
+        ok = p.is_file() if kind == "file" else p.is_dir() if kind == "dir" else p.exists() or "/" in value
+        if not ok:
+            raise ConfigError(f"{key}: {value} does not exist" + (" (expected a folder)" if kind == "dir" else ""))
+    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).is_dir():
+        raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume} is neither auto, none nor a folder")
+
+
+def check_layout(cfg: Config, arch, world_size: int) -> int:
+    """The checks that need the model and the world size; returns the data-parallel size."""
+    from megatron_less.models.qwen2 import ConfigError as ArchError
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if world_size % (tp * pp):
+        raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp x pp = {tp} x {pp}")
+    try:
+        arch.check(tp, pp)
+    except ArchError as e:
+        raise ConfigError(f"parallel: {e}") from None
+    dp = world_size // (tp * pp)
+    if cfg.batch.mini_batch_prompts % dp:
+        raise ConfigError(
+            f"batch.mini_batch_prompts ({cfg.batch.mini_batch_prompts}) must be a multiple of the "
+            f"data-parallel size {dp} (world {world_size} / tp {tp} / pp {pp}): all responses of a prompt "
+            "stay on one data-parallel rank"
+        )
+    if world_size % cfg.rollout.rollout_tp:
+        raise ConfigError(f"rollout.rollout_tp ({cfg.rollout.rollout_tp}) must divide the world size {world_size}")
+    if cfg.optim.use_distributed_optimizer and not _have_apex_or_te():
+        raise ConfigError(
+            "optim.use_distributed_optimizer: megatron-core's distributed optimizer does not reload its "
+            "checkpoints without apex/TransformerEngine (see docs/architecture.md); set it false on this machine"
+        )
+    limit = arch.max_position_embeddings
+    if cfg.data.max_prompt_tokens + cfg.rollout.max_tokens > limit:
+        raise ConfigError(
+            f"data.max_prompt_tokens + rollout.max_tokens = {cfg.data.max_prompt_tokens + cfg.rollout.max_tokens} "
+            f"exceeds the model's max_position_embeddings {limit}"
+        )
+    return dp
+
+
+def _have_apex_or_te() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) for m in ("apex", "transformer_engine"))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

@@ -1,0 +1,87 @@
+"""The GRPO (+ LESS) training loop: one screen, one named phase per line; what each phase does is
+in phases.py, how the model is run in passes.py, what a run holds in setup.py."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch.distributed as dist
+
+from megatron_less.checkpoints import train_state
+from megatron_less.trainer import phases
+from megatron_less.trainer.config import Config
+from megatron_less.trainer.metrics import local_token_sums, step_metrics
+from megatron_less.trainer.setup import build_run
+
+
+class Timer(dict):
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+def train(cfg: Config):
+    """Every rank of the job calls this. Returns the run (``run.metrics``: the last step's)."""
+    run = build_run(cfg)  # resumes from the newest complete checkpoint when asked
+    last = min(cfg.train.steps, run.step + (cfg.train.stop_after_steps or cfg.train.steps))
+    for step in range(run.step + 1, last + 1):
+        t = Timer()
+        with t("rollout"):
+            prompts = run.sampler.next_batch(cfg.batch.prompts_per_step)
+            seqs = phases.rollout(run, prompts, step)
+            run.engine.sleep()  # frees rollout memory for training (GPU; no-op elsewhere)
+        with t("reward"):
+            phases.reward(run, prompts, seqs)
+        mine, minibatches = phases.place(run, seqs)  # whole groups per data-parallel rank
+        with t("old_logprobs"):
+            per_token = phases.old_logprobs(run, mine)
+        with t("advantages"):
+            per_token["advantages"], stats = phases.advantages(run, mine, per_token)
+        with t("update"):
+            upd = phases.update(run, mine, minibatches, per_token)
+        with t("weight_sync"):
+            phases.sync_weights(run)
+        run.step = step
+        local = local_token_sums(mine, per_token, stats, report=_reports())
+        run.metrics = step_metrics(run, seqs, local, upd, dict(t))
+        run.logger.log(step, run.metrics, _samples(run, prompts, mine, per_token, stats))
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            run.logger.log_eval(step, phases.evaluate(run, step))
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last:
+            train_state.save(run)
+    run.logger.close()
+    shutdown = getattr(run.engine, "shutdown", None)
+    if shutdown is not None:  # vLLM's groups go before torch.distributed does
+        shutdown()
+    if cfg.checkpoint.export_hf:
+        run.logger.print(f"exported {train_state.export_hf(run)}")
+    return run
+
+
+def _reports() -> bool:
+    """One rank per data-parallel replica reports its per-token sums (first stage, TP rank 0)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+
+
+def _samples(run, prompts, seqs, per_token, stats) -> list[dict]:
+    """A few whole rollouts from rank 0's groups, token by token, for the log."""
+    if dist.get_rank() != 0:
+        return []
+    classes = stats.get("token_class")
+    out = []
+    for i, s in enumerate(seqs[: run.cfg.log.rollouts_per_step]):
+        r = len(s.response)
+        out.append({
+            "group": s.group, "prompt": prompts[s.group].text, "answer": prompts[s.group].answer,
+            "response": run.tokenizer.decode(s.response, skip_special_tokens=True),
+            "tokens": [run.tokenizer.decode([t]) for t in s.response], "token_ids": s.response,
+            "reward": s.reward, "correct": s.correct, "scored": s.scored, "finish_reason": s.finish_reason,
+            "entropy": per_token["entropy"][i, :r].tolist(), "advantage": per_token["advantages"][i, :r].tolist(),
+            "less_class": classes[i, :r].tolist() if classes is not None else None,
+        })  # fmt: skip
+    return out

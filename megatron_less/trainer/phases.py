@@ -1,0 +1,170 @@
+"""The phases of one GRPO step, in the order the loop calls them. Each takes the run and what the
+previous phase produced; collective calls are named as such."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_less.algos import compute_token_advantages
+from megatron_less.rollout.base import SamplingParams
+from megatron_less.trainer import batch as B
+from megatron_less.trainer.passes import LossSpec, logprobs_and_entropy, optimizer_step, train_minibatch
+
+
+def rollout(run, prompts, step: int) -> list[B.Sequence]:
+    """n responses per prompt (collective: every rank gets all of them)."""
+    r = run.cfg.rollout
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
+                            seed=run.cfg.seed * 100_003 + step, stop_token_ids=run.stop_ids)
+    out = run.engine.generate([p.token_ids for p in prompts], r.n, params)
+    return [B.Sequence(g, prompts[g].token_ids, list(x.token_ids), list(x.logprobs), x.finish_reason)
+            for g, responses in enumerate(out) for x in responses]  # fmt: skip
+
+
+def reward(run, prompts, seqs: list[B.Sequence]) -> None:
+    """Math reward; the world's ranks each score a slice, then share (collective)."""
+    from megatron_less.rewards.math import REASONS, score_batch
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, len(seqs), world))
+    texts = [run.tokenizer.decode(seqs[i].response, skip_special_tokens=True) for i in mine]
+    results = score_batch(texts, [prompts[seqs[i].group].answer for i in mine], num_workers=run.cfg.reward.workers,
+                          timeout=run.cfg.reward.timeout_s)
+    codes = torch.zeros(len(seqs), 2)
+    for i, res in zip(mine, results):
+        codes[i] = torch.tensor([res.score, REASONS.index(res.reason) + 1])
+    dist.all_reduce(codes)
+    for s, (score, code) in zip(seqs, codes.tolist()):
+        s.reward, s.scored = score, REASONS[int(code) - 1]
+        s.correct = score > 0
+
+
+def place(run, seqs: list[B.Sequence]) -> tuple[list[B.Sequence], list[list[int]]]:
+    """This data-parallel rank's sequences and, per mini-batch, their indices in that list."""
+    from megatron.core import parallel_state as ps
+
+    n_groups = max(s.group for s in seqs) + 1
+    tokens = [0] * n_groups
+    for s in seqs:
+        tokens[s.group] += s.length
+    plan = B.assign_groups(tokens, run.cfg.batch.mini_batch_prompts, run.dp)
+    dp_rank = ps.get_data_parallel_rank()
+    by_group: dict[int, list[B.Sequence]] = {}
+    for s in seqs:
+        by_group.setdefault(s.group, []).append(s)
+    mine, minibatches = [], []
+    for per_rank in plan:
+        rows = []
+        for g in per_rank[dp_rank]:
+            rows += range(len(mine), len(mine) + len(by_group[g]))
+            mine += by_group[g]
+        minibatches.append(rows)
+    return mine, minibatches
+
+
+def microbatches(run, seqs, rows: list[int], per_token: dict) -> list[B.MicroBatch]:
+    plans = B.plan_microbatches([seqs[i].length for i in rows], run.cfg.batch.micro_batch_tokens)
+    return [B.build_microbatch(seqs, [rows[k] for k in plan], per_token) for plan in plans]
+
+
+def old_logprobs(run, seqs) -> dict[str, torch.Tensor]:
+    """Per-token old log-probs and entropies (and reference log-probs with a KL term), no grad."""
+    mbs = microbatches(run, seqs, list(range(len(seqs))), {})
+    kw = dict(temperature=run.cfg.rollout.temperature, vocab_size=run.arch.vocab_size)
+    lp, ent = logprobs_and_entropy(run.policy.model, seqs, mbs, **kw)
+    out = {"old_logprobs": lp, "entropy": ent}
+    if run.ref_model is not None:
+        out["ref_logprobs"] = logprobs_and_entropy(run.ref_model, seqs, mbs, with_entropy=False, **kw)[0]
+    return out
+
+
+def advantages(run, seqs, per_token: dict) -> tuple[torch.Tensor, dict]:
+    """Estimator then shaper from the registry, on this rank's whole groups."""
+    a = run.cfg.algo
+    mask = B.response_matrix([[1] * len(s.response) for s in seqs], torch.bool, False)
+    data = {
+        "token_ids": B.response_matrix([s.response for s in seqs], torch.long),
+        "entropy": per_token["entropy"],
+        "response_mask": mask,
+        "correct": torch.tensor([s.correct for s in seqs]),
+        "group_index": torch.tensor([s.group for s in seqs]),
+    }
+    rewards = torch.tensor([s.reward for s in seqs], dtype=torch.float32)
+    adv, stats = compute_token_advantages(rewards, data["group_index"], data, estimator=a.advantage, shaper=a.shaper,
+                                          estimator_kwargs=a.advantage_kwargs, shaper_kwargs=a.shaper_kwargs)
+    return adv.float() * mask, dict(stats)
+
+
+def update(run, seqs, minibatches: list[list[int]], per_token: dict) -> dict:
+    """Mini-batch optimizer steps (collective). Returns summed metrics of the whole update."""
+    c = run.cfg
+    spec = LossSpec(c.algo.policy_loss, dict(c.algo.loss_kwargs), c.algo.loss_agg_mode, c.rollout.temperature,
+                    run.arch.vocab_size, c.rollout.max_tokens, c.algo.kl_coef, c.algo.kl_type, c.algo.entropy_coef)
+    keep = {k: per_token[k] for k in ("old_logprobs", "advantages", "ref_logprobs") if k in per_token}
+    totals: dict[str, float] = {}
+    for _ in range(c.batch.ppo_epochs):
+        for rows in minibatches:
+            mbs = microbatches(run, seqs, rows, keep)
+            sums = train_minibatch(run.policy, mbs, spec)
+            sums = gather_sums(sums if _loss_rank() else {})
+            loss = sums.get("_loss_sum", 0.0) / max(sums.get("_loss_count", 0.0), 1.0)
+            stepped, norm = optimizer_step(run.policy, run.scheduler, math.isfinite(loss))
+            run.counters["skipped_steps"] += not stepped
+            padded = sum(m.tokens.numel() for m in mbs)
+            real = sum(seqs[i].length for i in rows)
+            for k, v in {**sums, "_loss": loss, "_grad_norm": norm, "_stepped": float(stepped), "_opt_steps": 1.0,
+                         "_padded": float(padded), "_real": float(real)}.items():  # fmt: skip
+                totals[k] = totals.get(k, 0.0) + v
+    return totals
+
+
+def _loss_rank() -> bool:
+    """Ranks whose loss numbers count: the last pipeline stage, TP rank 0 (TP ranks agree)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+
+def gather_parts(local: dict) -> list[dict]:
+    """Every rank's dict of numbers (collective over the world; small, once per mini-batch)."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return parts
+
+
+def gather_sums(local: dict) -> dict:
+    """Key-wise sum over the ranks that report (collective over the world)."""
+    out: dict[str, float] = {}
+    for part in gather_parts(local):
+        for k, v in part.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def sync_weights(run) -> dict:
+    """The rollout engine's memory lifecycle lives here: it sleeps through training (GPU) and
+    wakes, then receives the new weights, before the next rollout."""
+    run.engine.wake_up()
+    return run.engine.sync_weights(run.policy.module)
+
+
+def evaluate(run, step: int) -> dict[str, float]:
+    """The eval command's code on held-out benchmarks, generating with the rollout engine
+    (collective; rank 0 scores, writes the report and returns the figures)."""
+    from megatron_less.eval.generate import engine_generate_fn
+    from megatron_less.eval.run import evaluate as run_benchmarks
+    from megatron_less.eval.run import save_report
+
+    e = run.cfg.eval
+    generate = engine_generate_fn(run.engine, run.tokenizer, run.stop_ids, seed=run.cfg.seed + step)
+    report = run_benchmarks(generate, e.benchmarks, n=e.n, temperature=e.temperature, top_p=e.top_p,
+                            max_tokens=e.max_tokens, template=e.template, tokenizer=run.tokenizer, limit=e.limit,
+                            score=dist.get_rank() == 0, bootstrap=False)  # fmt: skip
+    if report is None:
+        return {}
+    save_report(report, run.out_dir / "eval" / f"step_{step:06d}", plot=False)
+    return {f"eval/{bench}/{k}": float(v) for bench, m in report["metrics"].items()
+            for k, v in m.items() if isinstance(v, (int, float))}  # fmt: skip

@@ -1,0 +1,171 @@
+"""Everything a run holds, built once before the first step: process groups, tokenizer, prompts,
+policy (+ optimizer, LR schedule), the frozen reference when a KL term is on, the rollout engine,
+the logger. `build_run` validates what needs the model before any weight is read."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_less.trainer.config import Config, ConfigError, check_layout
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Run:
+    cfg: Config
+    arch: Any
+    tokenizer: Any
+    stop_ids: tuple[int, ...]
+    sampler: Any
+    policy: Any
+    scheduler: Any
+    engine: Any
+    ref_model: list | None
+    logger: Any
+    dp: int
+    data_stats: dict
+    hf_config: dict  # the model's config.json, saved with every checkpoint for the exporter
+    generation_config: dict | None
+    source: str
+    step: int = 0  # last completed step
+    metrics: dict = field(default_factory=dict)  # the last step's
+    counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "reward_timeouts": 0, "reward_errors": 0})
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def model_arch(cfg: Config):
+    from megatron_less.checkpoints.model import checkpoint_arch
+    from megatron_less.models.qwen2 import Qwen2Arch
+
+    return Qwen2Arch.from_hf(cfg.model.hf_dir) if cfg.model.hf_dir else checkpoint_arch(cfg.model.checkpoint)
+
+
+def stop_token_ids(tokenizer, model_dir: str | None) -> tuple[int, ...]:
+    """EOS of the tokenizer and of the model's generation_config.json (Qwen2.5 lists two)."""
+    import json
+
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    gen = Path(model_dir or "") / "generation_config.json"
+    if model_dir and gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return tuple(sorted(ids))
+
+
+def _scheduler(cfg: Config, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, b = cfg.optim, cfg.batch
+    total = cfg.train.steps * (b.prompts_per_step // b.mini_batch_prompts) * b.ppo_epochs
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total, o.warmup_steps + 1), lr_decay_style=o.lr_schedule,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=total, wd_incr_style="constant",
+    )  # fmt: skip
+
+
+def _engine(cfg: Config, arch, policy):
+    r = cfg.rollout
+    name = r.engine
+    if name == "auto":
+        name = "vllm" if importlib.util.find_spec("vllm") else "builtin"
+    if name == "builtin":
+        from megatron_less.rollout.builtin import BuiltinSampler
+
+        return BuiltinSampler(policy.model, arch)
+    from megatron_less.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(
+        arch, rollout_tp=r.rollout_tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[cfg.model.dtype],
+        max_model_len=cfg.data.max_prompt_tokens + r.max_tokens, seed=cfg.seed,
+        kv_cache_bytes=int(r.kv_cache_gib * 2**30) if r.kv_cache_gib else None,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+    )  # fmt: skip
+    engine.sync_weights(policy.module)
+    return engine
+
+
+def _initial_weights(cfg: Config):
+    from megatron_less.checkpoints.hf import HFCheckpoint
+
+    return HFCheckpoint(cfg.model.hf_dir) if cfg.model.hf_dir else None
+
+
+def _load_start_checkpoint(cfg: Config, module, arch) -> None:
+    from megatron_less.checkpoints.model import load_checkpoint
+
+    load_checkpoint(module, cfg.model.checkpoint, arch)
+
+
+def _model_files(cfg: Config, hf) -> tuple[dict, dict | None, str]:
+    """(config.json, generation_config.json, source path) of the starting model."""
+    from megatron_less.checkpoints.model import read_metadata
+
+    if hf is not None:
+        return hf.config, hf.generation_config, os.path.abspath(cfg.model.hf_dir)
+    meta = read_metadata(cfg.model.checkpoint)
+    return meta["hf_config"], meta.get("generation_config"), os.path.abspath(cfg.model.checkpoint)
+
+
+def build_run(cfg: Config) -> Run:
+    from megatron_less.data.sampler import PromptSampler, load_prompts
+    from megatron_less.data.tokenizer import load_tokenizer
+    from megatron_less.models.policy import OptimConfig, build_frozen, build_policy
+    from megatron_less.parallel import runtime
+    from megatron_less.trainer.logger import RunLogger
+
+    arch = model_arch(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = check_layout(cfg, arch, world)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_dir)
+    prompts, data_stats = load_prompts(cfg.data.train_file, tokenizer, template=cfg.data.template,
+                                       max_prompt_tokens=cfg.data.max_prompt_tokens, skip_bad=cfg.data.skip_bad_rows)
+    if len(prompts) < cfg.batch.prompts_per_step:
+        raise ConfigError(f"batch.prompts_per_step ({cfg.batch.prompts_per_step}) exceeds the {len(prompts)} usable "
+                          f"prompts in {cfg.data.train_file}")
+    tp, pp, dtype = cfg.parallel.tp, cfg.parallel.pp, DTYPES[cfg.model.dtype]
+    runtime.initialize(tp, pp, seed=cfg.seed)
+    o = cfg.optim
+    optim = OptimConfig(lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+                        adam_eps=o.adam_eps, clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer)
+    # per-token loss: megatron divides gradients by the global loss-token count (see passes.py).
+    # Micro-batches are padded to their own length, so under PP stages send shapes first
+    # (variable_seq_lengths, unbatched p2p); the MoE dispatcher setting only satisfies a config
+    # check that rejects variable lengths with the default dispatcher (Qwen2 has no MoE).
+    layout = dict(calculate_per_token_loss=True)
+    if pp > 1:
+        layout.update(variable_seq_lengths=True, batch_p2p_comm=False, moe_token_dispatcher_type="alltoall")
+    hf = _initial_weights(cfg)
+    policy = build_policy(arch, tp=tp, pp=pp, params_dtype=dtype, optim=optim, hf_weights=hf, **layout)
+    if hf is None:
+        _load_start_checkpoint(cfg, policy.module, arch)
+        policy.optimizer.reload_model_params()  # the fp32 master copy was taken before the load
+    ref = None
+    if cfg.algo.kl_coef > 0:
+        ref = build_frozen(arch, tp=tp, pp=pp, params_dtype=dtype, hf_weights=hf, **layout)
+        if hf is None:
+            _load_start_checkpoint(cfg, ref[0], arch)
+    sampler = PromptSampler(prompts, cfg.seed, cfg.data.shuffle)
+    hf_config, generation_config, source = _model_files(cfg, hf)
+    run = Run(cfg=cfg, arch=arch, tokenizer=tokenizer, stop_ids=stop_token_ids(tokenizer, cfg.model.hf_dir or cfg.model.tokenizer),
+              sampler=sampler, policy=policy, scheduler=_scheduler(cfg, policy.optimizer), engine=None,
+              ref_model=ref, logger=None, dp=dp, data_stats=data_stats, hf_config=hf_config,
+              generation_config=generation_config, source=source)  # fmt: skip
+    from megatron_less.checkpoints.train_state import maybe_resume
+
+    maybe_resume(run)
+    run.engine = _engine(cfg, arch, policy)
+    run.logger = RunLogger(cfg.output_dir, total_steps=cfg.train.steps, start_step=run.step,
+                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, enabled=dist.get_rank() == 0)
+    return run

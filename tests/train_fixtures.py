@@ -1,0 +1,74 @@
+"""A tiny model that has learned a little, so GRPO sees groups with mixed rewards.
+
+Problems "What is a + b?" (single digits); the model is a random 4-layer Qwen2 with a small BPE
+tokenizer, warmed up for a few seconds on correct answers ("\\boxed{c}") with transformers. After
+that, sampling at temperature 1 gives right and wrong answers in the same group, which is what
+the training tests need: real rewards from the real math reward, nothing scripted."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from tests import tiny
+
+TEMPLATE = "Question: What is {a} + {b}?\nAnswer:"
+
+
+def problems(seed: int = 0, count: int = 64) -> list[dict]:
+    rng = random.Random(seed)
+    pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(count)]
+    return [{"prompt": TEMPLATE.format(a=a, b=b), "answer": str(a + b), "template": "raw"} for a, b in pairs]
+
+
+def write_train_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_model(root: Path, *, steps: int = 150, seed: int = 0, **overrides) -> tuple[Path, Path]:
+    """(hf_dir with tokenizer, train file). ~10 s on 2 cores."""
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_less.data.tiny_tokenizer import build_tiny_tokenizer
+
+    hf_dir = root / "hf"
+    rows = problems(seed)
+    texts = [r["prompt"] + f" \\boxed{{{r['answer']}}}" for r in rows] + [str(i) for i in range(19)]
+    build_tiny_tokenizer(hf_dir, texts * 4, vocab_size=300)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    cfg = dict(vocab_size=300, max_position_embeddings=128, **overrides)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny.hf_config(**cfg)).float()
+    _warm_up(model, tok, rows, steps)
+    model.eval().save_pretrained(hf_dir)
+    return hf_dir, write_train_file(root / "train.jsonl", rows)
+
+
+def _warm_up(model, tok, rows, steps: int) -> None:
+    """A few supervised steps on the answers only, stopped early so some answers stay wrong."""
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs = []
+    for r in rows:
+        p = tok.encode(r["prompt"], add_special_tokens=False)
+        a = tok.encode(f" \\boxed{{{r['answer']}}}", add_special_tokens=False) + [eos]
+        seqs.append((p, a))
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for i, (p, a) in enumerate(seqs):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(seqs), (16,), generator=gen)
+        loss = model(input_ids=ids[idx], labels=labels[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
