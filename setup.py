@@ -20,6 +20,8 @@ setup(
         "safetensors",
         "psutil",  # megatron-core dist_checkpointing needs it
         "pyyaml",
+        "pydantic>=2.6",  # the training config
+        "tqdm",
         "numpy",
         "numba>=0.65",  # LESS segment matching kernels (a numpy fallback exists)
         "math-verify>=0.7",
