@@ -27,6 +27,8 @@ CASES = {
     "peaked": ((40,), 0.8, 7, torch.float32, {"peaked": True}),
     "padded": ((8, 5), 0.8, 4, torch.float32, {"peaked": True, "vocab": 250}),
     "padded_bf16": ((9,), 1.3, None, torch.bfloat16, {"vocab": 250}),
+    # banned tokens (-inf, and finfo.min as a stand-in); token 0: a whole TP2 (and TP4) shard -inf
+    "masked": ((6, 4), 0.7, 5, torch.float32, {"masked": True}),
 }
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "send", "recv", "barrier")
@@ -51,6 +53,11 @@ def _case(name, tp=1):
         x[torch.arange(n), torch.arange(n)] += torch.linspace(4, 16, n) / temp
         t[4::2] = torch.arange(4, n, 2)  # half the targets are the argmax
     gl, gh = torch.randn(2, n, generator=g).view(2, *shape)
+    if extra.get("masked"):
+        x[torch.rand(n, v, generator=g) < 0.3] = -torch.inf
+        x[0, v // 2 :] = -torch.inf
+        x[1, ::3] = torch.finfo(torch.float32).min
+        x[torch.arange(n), t] = torch.randn(n, generator=g) * 3 + 20  # targets are real tokens
     if "vocab" in extra:  # junk above every real logit: a leak into max, sums or entropy shows
         junk = torch.randn(n, _padded(v, 4) - v, generator=g) + 30
         x = torch.cat([x, junk[:, : _padded(v, tp) - v]], -1)
@@ -110,6 +117,8 @@ def _job():
             g_noent, _, h_noent, _ = grad_of(both, entropy_grad=False)
             g_lponly, lp_only, h_none, _ = grad_of(lambda lp, h, gl=gl: (lp * gl).sum(), with_entropy=False)
             g_entonly = grad_of(lambda lp, h, gh=gh: (h * gh).sum())[0]
+            if name == "masked":
+                out[("masked_target", tp)] = _banned_target(x, t, gl, gh, kw)
             out[(name, tp)] = dict(
                 lp=lp.detach(), h=h.detach(), grad=xx.grad, grad_noent=g_noent, grad_lponly=g_lponly,
                 grad_entonly=g_entonly, noent_detached=not h_noent.requires_grad,
@@ -119,6 +128,19 @@ def _job():
             )
     dist.destroy_process_group()
     return out
+
+
+BANNED = 1000  # -inf in token 0 of the masked case (the last TP2 / TP4 shard)
+
+
+def _banned_target(x, t, gl, gh, kw):
+    """The masked case with token 0's target banned: log-prob -inf, everything else finite."""
+    t = t.clone()
+    t.view(-1)[0] = BANNED
+    xx = x.detach().clone().requires_grad_()
+    lp, h = op(xx, t, **kw)
+    (lp * gl + h * gh).sum().backward()
+    return dict(lp=lp.detach(), h=h.detach(), grad=xx.grad, t=t)
 
 
 def _ref_grad(x, t, temp, loss_fn):
@@ -201,6 +223,43 @@ def test_padding_columns_get_exactly_zero_gradient(runs, name, tp):
         assert not runs[2][(name, 4)]["grad"].any() and not runs[3][(name, 4)]["grad"].any()
 
 
+def _categorical(x, t, temp):
+    """torch.distributions' log-prob and entropy, float64 (its entropy's gradient is NaN at -inf
+    logits, so gradients are checked against the float64 reference instead)."""
+    cat = torch.distributions.Categorical(logits=x.double() / temp)
+    return cat.log_prob(t), cat.entropy()
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_masked_logits_match_categorical(runs, refs, tp):
+    """-inf logits are tokens of probability 0: 0 log 0 = 0 in the entropy, not NaN."""
+    x, t, _, _, temp, _ = _case("masked")
+    assert x.view(-1, V)[0, V // 2 :].isinf().all() and (x == torch.finfo(torch.float32).min).any()
+    got = runs[0][("masked", tp)]
+    for mine, ref in zip((got["lp"], got["h"]), _categorical(x, t, temp)):
+        assert torch.isfinite(mine).all()
+        assert ((mine.double() - ref).abs() / ref.abs()).max() < 1e-6
+    for what in ("grad", "grad_lponly", "grad_entonly"):
+        mine = _gathered(runs, ("masked", tp), tp, what)
+        assert torch.isfinite(mine).all() and not mine[x.isinf()].any()
+        _assert_grad_close(mine, refs["masked"][what], torch.float32)
+
+
+@pytest.mark.parametrize("tp", TPS)
+def test_banned_target_gets_minus_inf_and_a_finite_gradient(runs, tp):
+    x, _, gl, gh, temp, _ = _case("masked")
+    got = runs[0][("masked_target", tp)]
+    assert x.view(-1, V)[0, BANNED] == -torch.inf
+    lp, h = _categorical(x, got["t"], temp)
+    assert got["lp"].view(-1)[0] == lp.view(-1)[0] == -torch.inf
+    assert torch.allclose(got["lp"].view(-1)[1:].double(), lp.view(-1)[1:], rtol=1e-6, atol=0)
+    assert torch.allclose(got["h"].double(), h, rtol=1e-6, atol=0)
+    mine = _gathered(runs, ("masked_target", tp), tp, "grad")
+    assert torch.isfinite(mine).all()
+    ref = _ref_grad(x, got["t"], temp, lambda lp, h: (lp * gl + h * gh).sum())
+    _assert_grad_close(mine, ref, torch.float32)
+
+
 @pytest.mark.parametrize("name,tp", PARAMS)
 def test_input_bit_identical_after_forward_and_backward(runs, name, tp):
     assert all(r[(name, tp)]["unchanged"] for r in runs)
@@ -281,9 +340,11 @@ def test_shapes_and_arguments():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["temperature_odd_chunk", "bf16", "peaked", "padded", "padded_bf16"])
+@pytest.mark.parametrize("name", ["temperature_odd_chunk", "bf16", "peaked", "padded", "padded_bf16",
+                                  "masked"])
 def test_fused_kernels_match_float64(refs, name):
-    """The torch.compile path (CUDA's default) through CPU inductor: ~15 s of compiling."""
+    """The torch.compile path (CUDA's default) through CPU inductor: 40-70 s of compiling on a
+    clean cache (2 cores), hence slow: `pytest -m slow tests/test_vocab_parallel.py`."""
     x, t, gl, gh, temp, chunk = _case(name)
     xx = x.clone().requires_grad_()
     lp, h = op(xx, t, temperature=temp, chunk_size=chunk, fused=True, vocab_size=_vocab(name))

@@ -10,4 +10,7 @@ def reference(x, t, temp):
     m, arg = z.max(-1, keepdim=True)
     rest = torch.exp(z - m).scatter(-1, arg, 0.0).sum(-1, keepdim=True)
     logp = (z - m) - torch.log1p(rest)
-    return logp.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    # 0 log 0 = 0 for -inf logits; where() on the log, not the product, keeps the gradient finite
+    plogp = p * torch.where(p > 0, logp, 0.0)
+    return logp.gather(-1, t.unsqueeze(-1)).squeeze(-1), -plogp.sum(-1)

@@ -41,6 +41,14 @@ workspace, so no chunking. Either way: beyond the input, O(T) stats (and the gra
 backward). The input is never written. Targets outside [0, V) give a meaningless log-prob
 (z_t = 0); mask such tokens out of the loss as usual.
 
+Masked logits. A -inf logit (a banned token, a masked column; also finfo.min, which / T may
+turn into -inf) has p = 0 and contributes 0 * log 0 = 0 to the entropy and 0 to every gradient.
+Computed naively that term is -inf * 0 = NaN, so d = z - m (forward) and l (backward) are
+floored at _EXP_FLOOR, below which exp is 0 even in float64: no value changes, the products
+stay 0. A shard whose columns are all -inf has no max: it shifts by 0 instead and reports
+m_r = -inf, S0_r = S1_r = 0, like an all-padding shard. A -inf target gets log-prob -inf and
+a finite gradient. (A token whose every logit is -inf has no distribution: NaN.)
+
 Padded vocabulary. Megatron pads V to a multiple of 128 * TP; the padded columns are real
 columns of the logits (0 after a checkpoint load) but not tokens. ``vocab_size`` = the real V:
 global ids >= vocab_size are left out of everything - max, sums, entropy - and get a zero
@@ -65,6 +73,9 @@ import torch.distributed as dist
 # makes ~8 passes over its buffer). CUDA: big enough that kernel launches are noise next to the
 # memory traffic, small next to [T, V] logits (16k x 152k bf16 = 5 GB).
 _WORKSPACE_BYTES = {"cpu": 1 << 20, "cuda": 256 << 20}
+
+# exp(x) == 0 below this, in float32 and float64: flooring there changes no probability
+_EXP_FLOOR = -1000.0
 
 
 def default_chunk_size(vocab_per_rank: int, device: torch.device) -> int:
@@ -108,7 +119,7 @@ def _stats_eager(x, tgt, temperature, chunk, with_entropy, valid):
         dc, ec, st = d[:k], e[:k], stats[s : s + k]
         dc.copy_(xc)  # upcast first: mixed-dtype ops make hidden fp32 copies on CPU
         mx = dc.amax(-1, keepdim=True)
-        dc.sub_(mx)  # exact near the max (Sterbenz)
+        dc.sub_(_finite_shift(mx))  # exact near the max (Sterbenz)
         if temperature != 1.0:
             dc.div_(temperature)  # not * 1/T: an extra rounding, amplified by exp
         st[:, 0] = mx.squeeze(-1)
@@ -116,9 +127,15 @@ def _stats_eager(x, tgt, temperature, chunk, with_entropy, valid):
         st[:, 1] = ec.sum(-1)
         st[:, 2] = ec.frac_().sum(-1)
         if with_entropy:
-            st[:, 3] = dc.mul_(ec).sum(-1)  # the 1s had d = 0: nothing lost
+            # the 1s had d = 0: nothing lost; the floor: -inf * exp(-inf) would be NaN
+            st[:, 3] = dc.clamp_(min=_EXP_FLOOR).mul_(ec).sum(-1)
         st[:, 4] = x[s : s + k].gather(-1, tgt[s : s + k]).squeeze(-1).float()
     return stats
+
+
+def _finite_shift(mx):
+    """The per-token max to shift by; 0 where every column is -inf (no max; all exp are 0)."""
+    return torch.where(mx > -torch.inf, mx, 0.0)
 
 
 def _real(x, consts):
@@ -130,7 +147,7 @@ def _stats_fused(x, tgt, consts):
     z = x.float()
     real = _real(x, consts)
     mx = torch.where(real, z, -torch.inf).amax(-1, keepdim=True)
-    d = torch.where(real, _times(z - mx, consts), -torch.inf)  # padding: exp(d) = 0
+    d = torch.where(real, _tempered(z - _finite_shift(mx), consts), -torch.inf)  # padding: exp(d) = 0
     e = torch.exp(d)
     f = torch.frac(e)
     # float64 accumulators: free in a fused reduction, and a compiled reduction sums in a
@@ -156,6 +173,8 @@ def _grad_eager(x, big_c, a, b, temperature, chunk, valid):
         lc.copy_(xc).sub_(big_c[s : s + k])
         if temperature != 1.0:
             lc.div_(temperature)
+        if b is not None:
+            lc.clamp_(min=_EXP_FLOOR)  # p = 0 where l = -inf: p * b * l must be 0, not NaN
         torch.exp(lc, out=pc)
         if b is not None:
             pc.mul_(lc.mul_(b[s : s + k]).add_(a[s : s + k]))  # addcmul is 3x slower on CPU
@@ -167,7 +186,7 @@ def _grad_eager(x, big_c, a, b, temperature, chunk, valid):
 
 
 def _grad_fused(x, big_c, a, b, consts):
-    l = _times(x.float() - big_c, consts)
+    l = _tempered(x.float() - big_c, consts)
     # a select, not a multiply: exp of a junk padding column may be inf
     return torch.where(_real(x, consts), torch.exp(l) * (a + b * l), 0.0).to(x.dtype)
 
@@ -186,8 +205,11 @@ def _consts(temperature: float, valid: int, like: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo, torch.tensor(float(valid))]).to(like.device)
 
 
-def _times(v, consts):
-    return v * consts[0] + v * consts[1]  # consts[:2]: 1/T as hi + lo
+def _tempered(v, consts):
+    """v / T as v * hi + v * lo (consts[:2]), floored at _EXP_FLOOR (see Masked logits). The
+    inner floor keeps -inf out of v * lo: lo may be 0 (-inf * 0) or of the other sign (-inf + inf)."""
+    v = v.clamp_min(torch.finfo(torch.float32).min)
+    return (v * consts[0] + v * consts[1]).clamp_min(_EXP_FLOOR)
 
 
 def _fused(fn):
@@ -302,7 +324,8 @@ class _LogprobEntropy(torch.autograd.Function):
                     (x, big_c, a, b if g_h is not None else None, t, ctx.chunk, valid),
                     (x, big_c, a, b, _consts(t, valid, x)), ctx.chunk)
         # The target's entry from float64: 1 - p_t = -expm1(logprob) cancels in fp32 when p_t ~ 1.
-        at_t = (-g * torch.expm1(logprob) - h * torch.exp(logprob) * (logprob + ent)) / t
+        lp_f = logprob.clamp(min=_EXP_FLOOR)  # a -inf target: p_t (l_t + H) = 0, not NaN
+        at_t = (-g * torch.expm1(logprob) - h * torch.exp(lp_f) * (lp_f + ent)) / t
         rows = owned.nonzero().squeeze(-1)
         grad[rows, tgt[rows, 0]] = at_t[rows].to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None
