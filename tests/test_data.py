@@ -318,3 +318,31 @@ def test_sentencepiece_tokenizer(tmp_path, math_texts):
         assert apply_template("qwen_math", "Q", tok).startswith("<|im_start|>system\n")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_folder_without_tokenizer_files_is_refused_by_name(tmp_path):
+    """A converted checkpoint or a bare model folder: transformers would build an empty
+    tokenizer from config.json alone, and every prompt would encode to nothing."""
+    from megatron_less.data.tokenizer import load_tokenizer
+    from tests import tiny
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tiny.hf_config().to_json_file(folder / "config.json")
+    with pytest.raises(FileNotFoundError) as err:
+        load_tokenizer(folder)
+    msg = str(err.value)
+    assert str(folder) in msg and "--tokenizer" in msg
+    assert "tokenizer.json" in msg and "tokenizer.model" in msg and "vocab.json + merges.txt" in msg
+
+
+def test_model_folder_with_tokenizer_files_loads(tmp_path, tiny_tok_dir):
+    from megatron_less.data.tokenizer import load_tokenizer
+    from tests import tiny
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tiny.hf_config().to_json_file(folder / "config.json")
+    for f in tiny_tok_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    assert len(load_tokenizer(folder)("What is 1+1?", add_special_tokens=False)["input_ids"]) > 1

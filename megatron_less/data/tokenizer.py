@@ -17,10 +17,29 @@ def _load(path: str, trust_remote_code: bool):
         return _from_sentencepiece_file(p)
     if not p.exists() and ("/" not in path or path.startswith((".", "/"))):
         raise FileNotFoundError(f"tokenizer path {path!r} does not exist")
+    if p.is_dir() and not trust_remote_code:  # remote code may read files of its own
+        _check_tokenizer_files(p)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # batched generation and padding need one
     return tok
+
+
+# Any one of these makes a tokenizer (fast JSON, SentencePiece, byte-level BPE, WordPiece).
+_TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """transformers builds an empty tokenizer from a folder with only config.json (a converted
+    checkpoint, an export without --tokenizer): every text then encodes to no tokens at all.
+    Refuse such a folder by name instead."""
+    if any(all((folder / f).is_file() for f in group) for group in _TOKENIZER_FILES):
+        return
+    expected = ", ".join(" + ".join(group) for group in _TOKENIZER_FILES)
+    raise FileNotFoundError(
+        f"{folder} has no tokenizer files (none of: {expected}); pass --tokenizer DIR with the "
+        f"tokenizer of the model (e.g. the HF folder it was converted from)"
+    )
 
 
 def _from_sentencepiece_file(model: Path):
