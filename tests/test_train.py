@@ -186,14 +186,14 @@ def _loss_parity(tiny, root):
     seqs = [Sequence(g, prompts[g].token_ids, torch.randint(3, 250, (int(n),), generator=gen).tolist(), [], "stop")
             for g in range(4) for n in torch.randint(1, 12, (3,), generator=gen)]  # fmt: skip
     mine, minibatches = phases.place(run, seqs)
-    per_token = phases.old_logprobs(run, mine)
-    width = per_token["old_logprobs"].shape[1]
-    # old log-probs away from the current ones and mixed-sign advantages: clipping is exercised
-    noise = torch.randn(len(seqs), width, generator=gen) * 0.3
-    adv = torch.randn(len(seqs), width, generator=gen)
+    # old log-probs of every response (each rank computes all, so rank 0's reference has them),
+    # moved away from the current ones, and mixed-sign advantages: clipping is exercised
+    old = phases.old_logprobs(run, seqs)["old_logprobs"]
+    old = old + torch.randn(old.shape, generator=gen) * 0.3
+    adv = torch.randn(old.shape, generator=gen)
     where = {id(s): i for i, s in enumerate(seqs)}
     order = [where[id(s)] for s in mine]
-    per_token = {"old_logprobs": per_token["old_logprobs"] + noise[order], "advantages": adv[order]}
+    per_token = {"old_logprobs": old[order], "advantages": adv[order]}
     spec = LossSpec("ppo_clip", {}, "token-mean", 0.7, run.arch.vocab_size, 12)
     mbs = phases.microbatches(run, mine, minibatches[0], per_token)
     train_minibatch(run.policy, mbs, spec)
@@ -208,10 +208,7 @@ def _loss_parity(tiny, root):
         p.data = saved[name]
     if dist.get_rank() != 0:
         return None
-    all_old = torch.zeros(len(seqs), width)
-    for i, s in enumerate(mine):
-        all_old[where[id(s)]] = per_token["old_logprobs"][i]
-    ref = _reference_grads(tiny["hf"], seqs, all_old, adv, spec)
+    ref = _reference_grads(tiny["hf"], seqs, old, adv, spec)
     return {"mbs": [tuple(m.tokens.shape) for m in mbs], "diff": {k: float((grads[k] - ref[k]).abs().max()) for k in ref},
             "scale": max(float(g.abs().max()) for g in ref.values())}  # fmt: skip
 

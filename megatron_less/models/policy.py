@@ -16,6 +16,7 @@ from megatron_less.models.schedule import run_schedule
 @dataclass
 class OptimConfig:
     lr: float = 1e-6
+    min_lr: float = 0.0  # megatron's LR schedules read it from each param group
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -104,6 +105,7 @@ def build_policy(
         OptimizerConfig(
             optimizer="adam",
             lr=optim.lr,
+            min_lr=optim.min_lr,
             weight_decay=optim.weight_decay,
             adam_beta1=optim.adam_beta1,
             adam_beta2=optim.adam_beta2,

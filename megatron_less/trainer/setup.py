@@ -137,7 +137,7 @@ def build_run(cfg: Config) -> Run:
     tp, pp, dtype = cfg.parallel.tp, cfg.parallel.pp, DTYPES[cfg.model.dtype]
     runtime.initialize(tp, pp, seed=cfg.seed)
     o = cfg.optim
-    optim = OptimConfig(lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+    optim = OptimConfig(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                         adam_eps=o.adam_eps, clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer)
     # per-token loss: megatron divides gradients by the global loss-token count (see passes.py).
     # Micro-batches are padded to their own length, so under PP stages send shapes first
