@@ -44,7 +44,7 @@ def model_generate_fn(
     from megatron_less.checkpoints.hf import load_hf_checkpoint
     from megatron_less.checkpoints.model import checkpoint_arch, load_checkpoint
     from megatron_less.data.tokenizer import load_tokenizer
-    from megatron_less.models.qwen2 import Qwen2Arch
+    from megatron_less.models.qwen2 import ConfigError, Qwen2Arch
     from megatron_less.parallel import runtime
     from megatron_less.models.policy import build_frozen
 
@@ -53,6 +53,10 @@ def model_generate_fn(
         raise FileNotFoundError(f"model {path} is not a folder (HF checkpoint or megatron-less checkpoint)")
     is_ckpt = _is_megatron_checkpoint(path)
     arch = checkpoint_arch(path) if is_ckpt else Qwen2Arch.from_hf(path)
+    try:  # before any process group exists: a wrong layout fails in seconds, not after startup
+        arch.check(tp, pp)
+    except ConfigError as e:
+        raise ConfigError(f"--tp {tp} --pp {pp} cannot run {path}: {e}") from None
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
     elif isinstance(tokenizer, (str, os.PathLike)):

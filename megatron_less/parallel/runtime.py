@@ -42,7 +42,9 @@ def initialize(
     tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_s: float = 600.0
 ) -> ParallelLayout:
     """Initialise torch.distributed from torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT),
-    then megatron's parallel groups (TP, PP, DP = the rest) and the model-parallel RNG."""
+    then megatron's parallel groups (TP, PP, DP = the rest) and the model-parallel RNG. A plain
+    process (no WORLD_SIZE, or 1) gets torchrun's variables for one rank (see
+    ``single_process_env``) until ``destroy``."""
     from megatron.core import parallel_state, tensor_parallel
 
     layout = ParallelLayout(tp, pp)
@@ -51,15 +53,8 @@ def initialize(
     mcore_compat.apply()
 
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-            # a plain single-process run: any free port, so concurrent runs cannot collide
-            from megatron_less.parallel.spawn import free_port
-
-            os.environ["MASTER_PORT"] = str(free_port())
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+        if world_size == 1:
+            single_process_env()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
@@ -79,6 +74,27 @@ def initialize(
     return layout
 
 
+# variables single_process_env() added, removed again by destroy()
+_ADDED_ENV: list[str] = []
+
+
+def single_process_env() -> None:
+    """Set, where missing, every variable torchrun sets for a one-rank job: torch.distributed
+    needs RANK/WORLD_SIZE/MASTER_*, and code that expects a launcher reads the rest (vLLM's
+    external launcher: LOCAL_RANK). MASTER_PORT: a free port, so concurrent runs cannot collide."""
+    from megatron_less.parallel.spawn import free_port
+
+    wanted = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+              "MASTER_ADDR": "127.0.0.1"}
+    for key, value in wanted.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            _ADDED_ENV.append(key)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+        _ADDED_ENV.append("MASTER_PORT")
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -92,3 +108,6 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    # a later launcher check (e.g. "under torchrun?") must not mistake this process for a rank
+    while _ADDED_ENV:
+        os.environ.pop(_ADDED_ENV.pop(), None)
