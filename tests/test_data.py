@@ -346,3 +346,21 @@ def test_model_folder_with_tokenizer_files_loads(tmp_path, tiny_tok_dir):
     for f in tiny_tok_dir.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     assert len(load_tokenizer(folder)("What is 1+1?", add_special_tokens=False)["input_ids"]) > 1
+
+
+@pytest.mark.parametrize("required", ["", "1"])
+def test_missing_data_skips_unless_required(tmp_path, required):
+    """MLESS_REQUIRE_DATA=1 (CI) turns the data_dir fixture's skip into a failure."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MLESS_DATA_DIR=str(tmp_path / "none"), MLESS_REQUIRE_DATA=required)
+    test = "tests/test_data.py::test_aime_keeps_zero_padding_and_math500_ids"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True,
+                          text=True, timeout=120)
+    if required:
+        assert proc.returncode == 1 and "MLESS_REQUIRE_DATA=1 but benchmark data not found" in proc.stdout
+    else:
+        assert proc.returncode == 0 and "1 skipped" in proc.stdout
