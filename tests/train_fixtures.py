@@ -42,7 +42,8 @@ def make_model(root: Path, *, steps: int = 150, seed: int = 0, **overrides) -> t
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    cfg = dict(vocab_size=300, max_position_embeddings=128, **overrides)
+    # head_dim 32: vLLM's CPU attention has no kernel for smaller heads
+    cfg = dict(vocab_size=300, max_position_embeddings=128, hidden_size=128, intermediate_size=256, **overrides)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(tiny.hf_config(**cfg)).float()
     _warm_up(model, tok, rows, steps)
