@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+# Token classes, by code (index): what less_token_weights(..., return_classes=True) returns.
+# Every valid token of a group left unchanged (N_c = 0 or N_w = 0) is "high" (untouched, weight 1).
+CLASSES = ("pad", "high", "default", "correct_only", "incorrect_only", "shared")
+
 
 def group_weights(tokens, entropies, correct, mu=5, q=0.8):
     """One group. tokens/entropies: lists (one per response) of equal-length lists; correct: bools.
@@ -84,7 +88,8 @@ def group_weights(tokens, entropies, correct, mu=5, q=0.8):
 def batch_weights(token_ids, entropy, response_mask, correct, group_index, mu=5, q=0.8):
     """Same contract as megatron_less.algos.less.less_token_weights, looping over groups.
 
-    Returns (weights as a list of per-row lists, per-group infos keyed by group id).
+    Returns (weights and class codes (see CLASSES) as lists of per-row lists, per-group infos
+    keyed by group id).
     """
     token_ids, entropy = token_ids.tolist(), entropy.tolist()
     lengths = response_mask.sum(1).tolist()
@@ -93,6 +98,7 @@ def batch_weights(token_ids, entropy, response_mask, correct, group_index, mu=5,
     for r, g in enumerate(group_index):
         rows_of[g].append(r)
     out = [[0.0] * len(token_ids[r]) for r in range(len(token_ids))]
+    codes = [[0] * len(token_ids[r]) for r in range(len(token_ids))]
     infos = {}
     for g, rows in rows_of.items():
         w, info = group_weights(
@@ -103,6 +109,8 @@ def batch_weights(token_ids, entropy, response_mask, correct, group_index, mu=5,
             q,
         )
         infos[g] = info
-        for r, wr in zip(rows, w):
+        for i, (r, wr) in enumerate(zip(rows, w)):
             out[r][: len(wr)] = wr
-    return out, infos
+            names = info["classes"][i] if info is not None else ["high"] * len(wr)
+            codes[r][: len(wr)] = [CLASSES.index(c) for c in names]
+    return out, codes, infos

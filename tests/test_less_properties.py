@@ -1,4 +1,5 @@
-"""LESS weights against the brute-force oracle (tests/less_oracle.py) and the spec's worked example."""
+"""LESS weights, token classes and stats against the brute-force oracle (tests/less_oracle.py) and
+the spec's worked example."""
 
 from __future__ import annotations
 
@@ -12,20 +13,9 @@ try:
     from tests import less_oracle
 except ImportError:  # tests/ run as a plain directory
     import less_oracle
-from megatron_less.algos import less, span_match
+from megatron_less.algos import get_shaper, less
 from megatron_less.algos.advantages import grpo_advantages
-from megatron_less.algos.less import less_token_weights
-
-
-@pytest.fixture(autouse=True, params=["numba", "numpy"])
-def backend(request, monkeypatch):
-    """Every test runs on both implementations: the numba kernels and the numpy fallback."""
-    if request.param == "numba":
-        pytest.importorskip("numba")
-    monkeypatch.setattr(less, "BACKEND", request.param)
-    assert less.backend() == request.param
-    return request.param
-
+from megatron_less.algos.less import less_shaper, less_token_weights
 
 ENTROPY_LEVELS = np.array([0.05, 0.1, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0], dtype=np.float32)
 
@@ -70,11 +60,13 @@ def random_batch(rng, n_groups, *, max_size=7, max_len=40, vocab=4):
 
 
 def check_against_oracle(batch, mu, q):
-    w, stats = less_token_weights(*batch, mu=mu, quantile=q, return_stats=True)
-    expect, infos = less_oracle.batch_weights(*batch, mu=mu, q=q)
+    w, classes, stats = less_token_weights(*batch, mu=mu, quantile=q, return_classes=True, return_stats=True)
+    expect, expect_classes, infos = less_oracle.batch_weights(*batch, mu=mu, q=q)
     torch.testing.assert_close(
         w, torch.tensor(expect, dtype=torch.float32).reshape(w.shape), rtol=0, atol=1e-7
     )
+    assert classes.dtype == torch.int8
+    assert torch.equal(classes, torch.tensor(expect_classes, dtype=torch.int8).reshape(w.shape))
 
     # The diagnostics too: distinct clusters per kind, token classes, mean weights by class.
     kinds = {"correct_only": 0, "incorrect_only": 0, "shared": 0}
@@ -182,7 +174,7 @@ def test_segment_length_boundary():
         assert w[:, run].eq(1.0).all()
 
 
-def test_worked_example_exact_table():
+def worked_example():
     tokens = [
         [5, 6, 7, 8, 1, 9, 9, 9, 2, 4],
         [5, 6, 7, 8, 3, 9, 9, 9, 4, 4],
@@ -195,19 +187,24 @@ def test_worked_example_exact_table():
         [0.1, 0.1, 0.1, 0.1, 3, 0.1, 0.1, 0.1, 2, 0.1],
         [0.1, 0.1, 0.1, 0.1, 3, 0.1, 0.1, 0.1, 2, 0.1],
     ]
-    table = [
-        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
-        [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5],
-    ]
-    batch = (
+    return (
         torch.tensor(tokens),
         torch.tensor(ent),
         torch.ones(4, 10, dtype=torch.bool),
         torch.tensor([True, True, False, False]),
         torch.zeros(4, dtype=torch.long),
     )
+
+
+def test_worked_example_exact_table():
+    table = [
+        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0.5, 0.5],
+        [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5],
+    ]
+    batch = worked_example()
+    check_against_oracle(batch, 3, 0.8)
     w, stats = less_token_weights(*batch, mu=3, quantile=0.8, return_stats=True)
     assert w.tolist() == table
     assert (stats["clusters_correct_only"], stats["clusters_incorrect_only"], stats["clusters_shared"]) == (
@@ -230,7 +227,7 @@ def test_invariant_to_permuting_responses_and_groups():
         batch = random_batch(rng, 10)
         w = less_token_weights(*batch, mu=3)
         perm = torch.from_numpy(rng.permutation(batch[0].shape[0]))
-        relabel = {int(g): int(rng.integers(-(10**9), 10**9)) for g in batch[4].unique()}
+        relabel = {int(g): int(rng.integers(-(2**63), 2**63 - 1)) for g in batch[4].unique()}  # any int64
         group = torch.tensor([relabel[int(g)] for g in batch[4]])
         w2 = less_token_weights(
             batch[0][perm], batch[1][perm], batch[2][perm], batch[3][perm], group[perm], mu=3
@@ -272,8 +269,7 @@ def test_unshaped_groups_and_edge_shapes():
 
 def test_hash_collisions_never_change_weights(monkeypatch):
     """With base 1 every window hash is the sum of its tokens: collisions everywhere."""
-    monkeypatch.setattr(span_match, "_BASE", 1)
-    monkeypatch.setattr(span_match, "_BASE_INV", 1)
+    monkeypatch.setattr(less, "HASH_BASE", 1)
     rng = np.random.default_rng(11)
     for mu in (1, 3, 5):
         check_against_oracle(random_batch(rng, 10, vocab=6), mu, 0.8)
@@ -346,7 +342,7 @@ def test_hypothesis_batches_match_oracle(rows, mu, q):
 
 @pytest.mark.parametrize("scale,offset", [(1, 0), (1 << 20, 3), (1 << 40, 0), (1, -3)])
 def test_token_id_ranges_and_dtypes(scale, offset):
-    """Packing several ids to a word depends on the id range; negatives and huge ids must work."""
+    """Hashes read ids as unsigned 64-bit words: negative and huge ids must work."""
     rng = np.random.default_rng(scale % 97 + offset + 3)
     tok, ent, mask, correct, group = random_batch(rng, 8, vocab=5)
     tok = tok * scale + offset
@@ -360,33 +356,71 @@ def test_token_id_ranges_and_dtypes(scale, offset):
     )
 
 
-def test_backend_choice_and_fallback_without_numba(monkeypatch):
-    batch = random_batch(np.random.default_rng(29), 5)
-    expect = less_token_weights(*batch, mu=3)
-    monkeypatch.setattr(less, "_numba_module", False)  # as if numba were not installed
-    monkeypatch.setattr(less, "BACKEND", "auto")
-    assert less.backend() == "numpy"
-    assert torch.equal(less_token_weights(*batch, mu=3), expect)
-    monkeypatch.setattr(less, "BACKEND", "numba")
-    with pytest.raises(ImportError, match="numba"):
-        less_token_weights(*batch, mu=3)
-    monkeypatch.setattr(less, "BACKEND", "fortran")
-    with pytest.raises(ValueError, match="BACKEND"):
-        less_token_weights(*batch, mu=3)
+def concat_batches(*batches):
+    """The rows of several batches (with distinct group ids) in one, padded to the longest T."""
+    t = max(b[0].shape[1] for b in batches)
+    pad = lambda x: torch.nn.functional.pad(x, (0, t - x.shape[1]))
+    return tuple(torch.cat([pad(b[i]) if i < 3 else b[i] for b in batches]) for i in range(5))
 
 
-def test_scratch_that_runs_out_is_grown(monkeypatch):
-    """The kernel's first allotment of occurrences can be too small (repetition loops): the group is
-    scanned again with more room, and the weights are the same."""
-    monkeypatch.setattr(less, "_OCC_ROOM", 0)
+def test_scratch_is_sized_for_the_largest_group():
+    """Scratch is allocated once per call for the largest group: batches whose groups differ
+    widely in size, length and segment count (a group of one-token runs with mu = 1 has the most
+    segments a group can have; repetition loops have a longest match at almost every position)."""
     rng = np.random.default_rng(23)
-    check_against_oracle(loop_batch(rng, 4), 2, 0.8)
-    check_against_oracle(random_batch(rng, 8), 3, 0.8)
+    check_against_oracle(loop_batch(rng, 4), 1, 0.8)
+    small = random_batch(rng, 6, max_size=3, max_len=12)
+    # One large group of 70 responses alternating low / high entropy: every low token is a segment.
+    n, t = 70, 40
+    tok = torch.from_numpy(rng.integers(0, 3, size=(n, t)))
+    ent = torch.tensor([[0.1, 2.0] * (t // 2)] * n)
+    big = (tok, ent, torch.ones(n, t, dtype=torch.bool), torch.arange(n) % 3 == 0, torch.full((n,), -1))
+    mixed = concat_batches(small, big)
+    check_against_oracle(mixed, 1, 0.5)
+    check_against_oracle(mixed, 2, 0.8)
 
 
-def test_release_workspace_then_recompute():
-    batch = random_batch(np.random.default_rng(2), 6)
-    before = less_token_weights(*batch, mu=3)
-    span_match.release_workspace()
-    assert not span_match.workspace.bufs
-    assert torch.equal(less_token_weights(*batch, mu=3), before)
+def test_calls_keep_no_state():
+    """Nothing is kept between calls: a small batch after a large one (and the reverse) gives the
+    same weights as alone."""
+    rng = np.random.default_rng(2)
+    small, large = random_batch(rng, 3), random_batch(rng, 20, max_size=30, max_len=120)
+    first = less_token_weights(*small, mu=3)
+    less_token_weights(*large, mu=1)
+    assert torch.equal(less_token_weights(*small, mu=3), first)
+
+
+def test_worked_example_classes_and_shaper():
+    """The spec's worked example: classes by token, and what the registered shaper returns."""
+    batch = worked_example()
+    w, classes = less_token_weights(*batch, mu=3, quantile=0.8, return_classes=True)
+    H, D, C, I, S = (
+        less.CLASS_HIGH,
+        less.CLASS_DEFAULT,
+        less.CLASS_CORRECT_ONLY,
+        less.CLASS_INCORRECT_ONLY,
+        less.CLASS_SHARED,
+    )
+    assert classes.tolist() == [
+        [C, C, C, C, H, S, S, S, D, D],
+        [C, C, C, C, H, S, S, S, D, D],
+        [I, I, I, I, H, S, S, S, D, D],
+        [I, I, I, I, H, D, D, D, D, D],
+    ]
+    assert [less.CLASS_NAMES[c] for c in range(6)] == list(less_oracle.CLASSES)
+    assert (less.CLASS_PAD, H, D, C, I, S) == (0, 1, 2, 3, 4, 5)
+    adv = grpo_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long))
+    keys = ("token_ids", "entropy", "response_mask", "correct", "group_index")
+    shaped, stats = get_shaper("less")(adv, dict(zip(keys, batch)), mu=3)
+    assert get_shaper("less") is less_shaper
+    torch.testing.assert_close(shaped, w * adv[:, None])
+    assert torch.equal(stats.pop("token_class"), classes)
+    assert all(isinstance(v, float) for v in stats.values())
+    # Padding is class 0; every valid token of a group LESS leaves unchanged is untouched (HIGH).
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    _, classes = less_token_weights(
+        batch[0], batch[1], mask, torch.tensor([True, True, False, False]), torch.tensor([0, 0, 1, 1]),
+        mu=3, return_classes=True,
+    )  # fmt: skip
+    assert classes[1, 7:].eq(less.CLASS_PAD).all() and classes[mask].eq(H).all()
