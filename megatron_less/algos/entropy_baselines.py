@@ -7,8 +7,8 @@ clip_cov: PPO-clip, plus: among valid tokens that clipping left alone and whose 
   get zero gradient (N = valid tokens; r = 2e-4, lb = 1, ub = 5).
 kl_cov: no ratio clipping; the max(1, floor(r * N)) tokens of largest Cov_t get an extra
   beta * |log pi - log pi_old| penalty (r = 2e-4, beta = 1).
-All take the common policy-loss keywords (see losses.py); means are over valid tokens of the batch
-passed in (the micro-batch), as the methods define them.
+All take the common policy-loss keywords (losses.finish_policy_loss) and end there; means are over
+valid tokens of the batch passed in (the micro-batch), as the methods define them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .losses import add_regularisers, make_aggregator, masked_mean, ppo_clip_token_losses, ppo_metrics
+from .losses import finish_policy_loss, masked_mean, ppo_clip_token_losses
 from .registry import register_policy_loss
 
 
@@ -58,38 +58,27 @@ def _budget(ratio: float, n_valid: int) -> int:
 @register_policy_loss("forking_tokens")
 def forking_tokens_loss(
     log_prob, old_log_prob, advantages, response_mask, *, entropy, top_ratio: float = 0.2,
-    clip_low=0.2, clip_high=0.28, dual_clip_c=10.0, loss_agg_mode="token-mean", global_num_tokens=None,
-    global_num_seqs=None, max_response_len=None, ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy_coef=0.0,
+    clip_low=0.2, clip_high=0.28, dual_clip_c=10.0, **common,
 ):  # fmt: skip
     """PPO-clip restricted to forking tokens. `entropy` ([B, T], the current policy's) picks them;
     every term (KL and entropy bonus included) is aggregated over the selected tokens, so a
     `global_num_tokens` passed here must count selected tokens, not all response tokens."""
     selected = forking_token_mask(entropy, response_mask, top_ratio)
-    agg = make_aggregator(selected, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
-    token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
+    token_loss, *ratio_terms = ppo_clip_token_losses(
         log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
     )
-    pg_loss = agg(token_loss)
-    metrics = ppo_metrics(selected, log_ratio, ratio, clipped, dual)
-    metrics["pg_loss"] = pg_loss.detach()
-    metrics["forking_frac"] = masked_mean(selected.to(log_prob.dtype), response_mask).detach()
-    loss = add_regularisers(
-        pg_loss, metrics, log_prob, selected, agg,
-        ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy, entropy_coef=entropy_coef,
-    )  # fmt: skip
-    return loss, metrics
+    extra = {"forking_frac": masked_mean(selected.to(log_prob.dtype), response_mask).detach()}
+    return finish_policy_loss(token_loss, log_prob, selected, ratio_terms, extra, entropy=entropy, **common)
 
 
 @register_policy_loss("clip_cov")
 def clip_cov_loss(
     log_prob, old_log_prob, advantages, response_mask, *, clip_cov_ratio: float = 2e-4, clip_cov_lb: float = 1.0,
     clip_cov_ub: float = 5.0, generator: torch.Generator | None = None, clip_low=0.2, clip_high=0.28,
-    dual_clip_c=10.0, loss_agg_mode="token-mean", global_num_tokens=None, global_num_seqs=None,
-    max_response_len=None, ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0,
+    dual_clip_c=10.0, **common,
 ):  # fmt: skip
     """Clip-Cov. The random choice draws from `generator` (a CPU torch.Generator) for determinism.
     "Already clipped" means clipping (ratio or dual) already set that token's gradient to zero."""
-    agg = make_aggregator(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
     token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
         log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
     )
@@ -102,26 +91,18 @@ def clip_cov_loss(
     keep = torch.ones(log_prob.numel(), dtype=log_prob.dtype)
     keep[chosen] = 0.0
     keep = keep.view_as(log_prob).to(log_prob.device)
-    pg_loss = agg(token_loss * keep)
-    metrics = ppo_metrics(response_mask, log_ratio, ratio, clipped, dual)
-    metrics["pg_loss"] = pg_loss.detach()
-    metrics["cov_clipfrac"] = masked_mean(1.0 - keep, response_mask).detach()
-    loss = add_regularisers(
-        pg_loss, metrics, log_prob, response_mask, agg,
-        ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy, entropy_coef=entropy_coef,
-    )  # fmt: skip
-    return loss, metrics
+    extra = {"cov_clipfrac": masked_mean(1.0 - keep, response_mask).detach()}
+    ratio_terms = (log_ratio, ratio, clipped, dual)
+    return finish_policy_loss(token_loss * keep, log_prob, response_mask, ratio_terms, extra, **common)
 
 
 @register_policy_loss("kl_cov")
 def kl_cov_loss(
     log_prob, old_log_prob, advantages, response_mask, *, kl_cov_ratio: float = 2e-4, kl_cov_coef: float = 1.0,
-    loss_agg_mode="token-mean", global_num_tokens=None, global_num_seqs=None, max_response_len=None,
-    ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0,
+    **common,
 ):  # fmt: skip
     """KL-Cov: unclipped policy gradient, |log ratio| penalty on the highest-covariance tokens
     (ties broken by position, so the choice is deterministic)."""
-    agg = make_aggregator(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
     ratio = log_ratio.exp()
@@ -136,13 +117,7 @@ def kl_cov_loss(
         penal[order[: _budget(kl_cov_ratio, n_valid)]] = True
     penal = penal.view_as(log_prob)
     token_loss = token_loss + kl_cov_coef * penal.to(log_prob.dtype) * (log_prob - old_log_prob).abs()
-    pg_loss = agg(token_loss)
     no_clip = torch.zeros_like(valid)
-    metrics = ppo_metrics(response_mask, log_ratio, ratio, no_clip, no_clip)
-    metrics["pg_loss"] = pg_loss.detach()
-    metrics["kl_cov_frac"] = masked_mean(penal.to(log_prob.dtype), response_mask).detach()
-    loss = add_regularisers(
-        pg_loss, metrics, log_prob, response_mask, agg,
-        ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy, entropy_coef=entropy_coef,
-    )  # fmt: skip
-    return loss, metrics
+    extra = {"kl_cov_frac": masked_mean(penal.to(log_prob.dtype), response_mask).detach()}
+    ratio_terms = (log_ratio, ratio, no_clip, no_clip)
+    return finish_policy_loss(token_loss, log_prob, response_mask, ratio_terms, extra, **common)

@@ -7,6 +7,9 @@ Every registered policy loss has the signature
             ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0,
             **loss_specific) -> (loss, metrics)
 
+Each computes its per-token loss and hands it, with those common keywords, to `finish_policy_loss`
+(aggregation, KL and entropy terms, metrics): the one place they are assembled.
+
 log_prob / old_log_prob / ref_log_prob / entropy are [B, T]; advantages are [B, T] (shaped) or [B];
 response_mask is [B, T]. metrics is a dict of detached 0-d float tensors (so the trainer can reduce
 them across ranks in one call).
@@ -117,10 +120,46 @@ def ppo_clip_token_losses(
     return loss, log_ratio, ratio, clipped, dual
 
 
-def add_regularisers(
-    loss, metrics, log_prob, response_mask, agg, *, ref_log_prob, kl_coef, kl_type, entropy, entropy_coef
+def finish_policy_loss(
+    token_loss: torch.Tensor,
+    log_prob: torch.Tensor,
+    mask: torch.Tensor,
+    ratio_terms,
+    extra_metrics: dict[str, torch.Tensor] | None = None,
+    *,
+    loss_agg_mode: str = "token-mean",
+    global_num_tokens=None,
+    global_num_seqs=None,
+    max_response_len: int | None = None,
+    ref_log_prob: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ):
-    """loss + kl_coef * KL(pi || pi_ref) - entropy_coef * entropy, each aggregated like the loss."""
+    """What every registered policy loss ends with, given its per-token loss [B, T]:
+    loss = agg(token_loss) + kl_coef * agg(KL(pi || pi_ref)) - entropy_coef * agg(entropy), each term
+    aggregated over `mask` with `loss_agg_mode` (see `aggregate`); returns (loss, metrics).
+
+    ratio_terms = (log_ratio, ratio, clipped, dual_clipped) feed the PPO metrics (over `mask`);
+    metrics also hold pg_loss, then `extra_metrics`, then kl_ref and entropy when those are given.
+    The keywords are the ones every policy loss takes (module docstring)."""
+
+    def agg(x):
+        return aggregate(
+            x,
+            mask,
+            loss_agg_mode,
+            global_num_tokens=global_num_tokens,
+            global_num_seqs=global_num_seqs,
+            max_response_len=max_response_len,
+        )
+
+    pg_loss = agg(token_loss)
+    metrics = ppo_metrics(mask, *ratio_terms)
+    metrics["pg_loss"] = pg_loss.detach()
+    metrics.update(extra_metrics or {})
+    loss = pg_loss
     if ref_log_prob is not None and kl_coef:
         kl = agg(kl_penalty(log_prob, ref_log_prob, kl_type))
         loss = loss + kl_coef * kl
@@ -130,19 +169,7 @@ def add_regularisers(
         metrics["entropy"] = ent.detach()
         if entropy_coef:
             loss = loss - entropy_coef * ent
-    return loss
-
-
-def make_aggregator(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len):
-    """`aggregate` with everything but the per-token loss fixed."""
-    return lambda x: aggregate(
-        x,
-        response_mask,
-        loss_agg_mode,
-        global_num_tokens=global_num_tokens,
-        global_num_seqs=global_num_seqs,
-        max_response_len=max_response_len,
-    )
+    return loss, metrics
 
 
 @register_policy_loss("ppo_clip")
@@ -155,29 +182,14 @@ def ppo_clip_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     dual_clip_c: float | None = 10.0,
-    loss_agg_mode: str = "token-mean",
-    global_num_tokens=None,
-    global_num_seqs=None,
-    max_response_len: int | None = None,
-    ref_log_prob: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
+    **common,
 ):
-    """PPO-clip / GRPO policy loss (clip 0.2 low, 0.28 high, dual-clip c = 10 by default)."""
-    agg = make_aggregator(response_mask, loss_agg_mode, global_num_tokens, global_num_seqs, max_response_len)
-    token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
+    """PPO-clip / GRPO policy loss (clip 0.2 low, 0.28 high, dual-clip c = 10 by default);
+    `common`: the keywords of `finish_policy_loss`."""
+    token_loss, *ratio_terms = ppo_clip_token_losses(
         log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
     )
-    pg_loss = agg(token_loss)
-    metrics = ppo_metrics(response_mask, log_ratio, ratio, clipped, dual)
-    metrics["pg_loss"] = pg_loss.detach()
-    loss = add_regularisers(
-        pg_loss, metrics, log_prob, response_mask, agg,
-        ref_log_prob=ref_log_prob, kl_coef=kl_coef, kl_type=kl_type, entropy=entropy, entropy_coef=entropy_coef,
-    )  # fmt: skip
-    return loss, metrics
+    return finish_policy_loss(token_loss, log_prob, response_mask, ratio_terms, **common)
 
 
 def ppo_metrics(response_mask, log_ratio, ratio, clipped, dual) -> dict[str, torch.Tensor]:
