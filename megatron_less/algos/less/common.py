@@ -93,7 +93,8 @@ Keys = namedtuple(
     ],
 )
 
-# Hash tables of one group (open addressing, linear probing, 2**bits slots for bits = table_bits).
+# Hash tables of one group (open addressing, linear probing, 2**table_bits(n) slots for n segments
+# when merging copies, n keys for the head table).
 Heads = namedtuple(
     "Heads",
     [

@@ -162,12 +162,8 @@ def shape_responses(inp, out, rs, seg_table, group, mu, quantile):
     """Steps 1-4 for every response of a shaped group; returns (segments, segment tokens)."""
     # Arrays are taken out of the namedtuples once, here: numba counts a reference each time.
     ebits, wpt, lengths, corr = inp.ebits, inp.wpt, inp.lengths, inp.corr
-    weights, classes, class_tokens, class_weight = (
-        out.weights,
-        out.classes,
-        out.class_tokens,
-        out.class_weight,
-    )
+    weights, classes = out.weights, out.classes
+    class_tokens, class_weight = out.class_tokens, out.class_weight
     keys, cand, hist, edges = rs.keys, rs.cand, rs.hist, rs.edges
     d_correct = np.float32(1.0 / group.n_correct)
     d_wrong = np.float32(1.0 / group.n_wrong)
@@ -197,7 +193,7 @@ def shape_clusters(inp, out, sc, hashing, nseg, group, mu):
     hash_rows(tok, hashing.inv, group.rows, inp.t, inp.lengths, segs.prefix)
     nk = merge_copies(tok, hashing.pw, segs, nseg, keys, heads)
     sort_by_length(keys, nk, sc.row.edges)
-    index_heads(hashing.pw, segs, nseg, keys, nk, heads, mu)
+    index_heads(hashing.pw, segs, keys, nk, heads, mu)
     link_prefixes(tok, hashing.pw, segs, keys, nk, heads)
     n_occ = longest_matches(tok, hashing.pw, mu, segs, nseg, keys, nk, heads, sc.matches)
     group_copies(segs, nseg, keys, nk, group.words)

@@ -111,13 +111,13 @@ def sort_by_length(keys, nk, count):
 
 
 @jit
-def index_heads(pw, segs, nseg, keys, nk, heads, mu):
+def index_heads(pw, segs, keys, nk, heads, mu):
     """The head table: the keys of each head (hash of a key's first mu tokens) in
     heads.keys[first:first + count] by increasing length, and the bitmap of heads the scan tests
     every window against. Needs keys.by_len."""
     seg, prefix, key, by_len = segs.table, segs.prefix, keys.table, keys.by_len
     h_hash, h_first, h_count, h_keys, bitmap = heads.hash, heads.first, heads.count, heads.keys, heads.bitmap
-    bits = table_bits(nseg)
+    bits = table_bits(nk)
     mask = (1 << bits) - 1
     size = 1 << bits
     h_count[:size] = 0

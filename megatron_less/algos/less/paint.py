@@ -153,12 +153,8 @@ def paint(segs, keys, occ, n_occ, p, rows, corr, out):
     tally to their own."""
     seg, key, weight, copies = segs.table, keys.table, keys.weight, keys.copies
     run_span, run_weight, aw, ae = p.run_span, p.run_weight, p.active_weight, p.active_end
-    weights, classes, class_tokens, class_weight = (
-        out.weights,
-        out.classes,
-        out.class_tokens,
-        out.class_weight,
-    )
+    weights, classes = out.weights, out.classes
+    class_tokens, class_weight = out.class_tokens, out.class_weight
     i = 0
     while i < n_occ:
         host = occ[OCC_HOST, i]

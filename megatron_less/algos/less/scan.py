@@ -110,7 +110,7 @@ def longest_matches(tok, pw, mu, segs, nseg, keys, nk, heads, matches):
     for k in range(nk):
         key[k, KEY_LAST_HOST] = -1
         key[k, KEY_PERIOD] = -1
-    bits = table_bits(nseg)
+    bits = table_bits(nk)  # as index_heads
     n_occ = 0
     for s in range(nseg):
         own = seg[s, SEG_KEY]
