@@ -23,7 +23,7 @@ setup(
         "pydantic>=2.6",  # the training config
         "tqdm",
         "numpy",
-        "numba>=0.65",  # LESS segment matching kernels (a numpy fallback exists)
+        "numba>=0.65",  # LESS kernels (megatron_less/algos/less/): the only implementation
         "math-verify>=0.7",
         "tensorboard",
         "matplotlib",
