@@ -40,21 +40,21 @@ def group_copies(segs, nseg, keys, nk, words):
     the segments by key) and holders (the responses holding a copy)."""
     seg, key, copies, holders = segs.table, keys.table, keys.copies, keys.holders
     for k in range(nk):
-        key[k, KEY_COPIES] = 0
+        key[KEY_COPIES, k] = 0
     for s in range(nseg):
-        key[seg[s, SEG_KEY], KEY_COPIES] += 1
+        key[KEY_COPIES, seg[SEG_KEY, s]] += 1
     at = 0
     for k in range(nk):
-        n = key[k, KEY_COPIES]
-        key[k, KEY_COPIES] = at
-        key[k, KEY_COPIES_END] = at
+        n = key[KEY_COPIES, k]
+        key[KEY_COPIES, k] = at
+        key[KEY_COPIES_END, k] = at
         at += n
     holders[:nk, :words] = 0
     for s in range(nseg):
-        k = seg[s, SEG_KEY]
-        copies[key[k, KEY_COPIES_END]] = s
-        key[k, KEY_COPIES_END] += 1
-        resp = seg[s, SEG_RESP]
+        k = seg[SEG_KEY, s]
+        copies[key[KEY_COPIES_END, k]] = s
+        key[KEY_COPIES_END, k] += 1
+        resp = seg[SEG_RESP, s]
         holders[k, resp >> 6] |= ONE << np.uint64(resp & 63)
 
 
@@ -65,16 +65,16 @@ def collect_carriers(segs, keys, nk, occ, n_occ, words):
     seg, key, holders, carriers = segs.table, keys.table, keys.holders, keys.carriers
     carriers[:nk, :words] = 0
     for k in range(nk):
-        key[k, KEY_STAMP] = -1
+        key[KEY_STAMP, k] = -1
     for i in range(n_occ):
         host = occ[OCC_HOST, i]
-        hk = seg[host, SEG_KEY]
+        hk = seg[SEG_KEY, host]
         k = occ[OCC_KEY, i]
-        while k >= 0 and key[k, KEY_STAMP] != host:
-            key[k, KEY_STAMP] = host
+        while k >= 0 and key[KEY_STAMP, k] != host:
+            key[KEY_STAMP, k] = host
             for w in range(words):
                 carriers[k, w] |= holders[hk, w]
-            k = key[k, KEY_PARENT]
+            k = key[KEY_PARENT, k]
 
 
 @jit
@@ -99,7 +99,7 @@ def classify(keys, nk, group, counts):
             kind = KIND_INCORRECT_ONLY
         else:
             kind = KIND_SHARED
-        key[k, KEY_KIND] = kind
+        key[KEY_KIND, k] = kind
         if kind == KIND_CORRECT_ONLY:
             weight[k] = np.float32(c / n_correct)
         elif kind == KIND_INCORRECT_ONLY:
@@ -122,17 +122,17 @@ def summarise_prefixes(keys, nk):
     key, weight, by_len = keys.table, keys.weight, keys.by_len
     for i in range(nk):
         k = by_len[i]
-        parent = key[k, KEY_PARENT]
-        kind = key[k, KEY_KIND]
+        parent = key[KEY_PARENT, k]
+        kind = key[KEY_KIND, k]
         if kind == KIND_SHARED:
-            key[k, KEY_SHARED_LEN] = key[k, KEY_LEN]
+            key[KEY_SHARED_LEN, k] = key[KEY_LEN, k]
         else:
-            key[k, KEY_SHARED_LEN] = key[parent, KEY_SHARED_LEN] if parent >= 0 else 0
-        up = key[parent, KEY_TOP_WEIGHTED] if parent >= 0 else -1
+            key[KEY_SHARED_LEN, k] = key[KEY_SHARED_LEN, parent] if parent >= 0 else 0
+        up = key[KEY_TOP_WEIGHTED, parent] if parent >= 0 else -1
         if kind == KIND_CORRECT_ONLY or kind == KIND_INCORRECT_ONLY:
             while up >= 0 and weight[up] <= weight[k]:
-                up = key[up, KEY_NEXT_WEIGHTED]
-            key[k, KEY_NEXT_WEIGHTED] = up
-            key[k, KEY_TOP_WEIGHTED] = k
+                up = key[KEY_NEXT_WEIGHTED, up]
+            key[KEY_NEXT_WEIGHTED, k] = up
+            key[KEY_TOP_WEIGHTED, k] = k
         else:
-            key[k, KEY_TOP_WEIGHTED] = up
+            key[KEY_TOP_WEIGHTED, k] = up

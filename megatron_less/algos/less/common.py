@@ -1,10 +1,10 @@
 """What the LESS kernel modules share: the jit decorator, the per-group tables and small helpers.
 
-The kernels keep their per-group state in 2-D int64 tables with named columns (numba turns
-``table[i, COLUMN]`` on a C-contiguous array into plain address arithmetic), bundled with the
-arrays that belong to them in namedtuples, which numba passes around as structs. Everything is
-allocated once per call by `allocate` (kernel.py), sized for the largest group of the batch, and
-only the part a group uses is ever touched.
+The kernels keep their per-group state in 2-D int64 tables with one named row per field and one
+column per item, ``table[FIELD, i]`` (a pass over the items reads each field it needs
+contiguously), bundled with the arrays that belong to them in namedtuples, which numba passes
+around as structs. Everything is allocated once per call by `allocate` (kernel.py), sized for the
+largest group of the batch, and only the part a group uses is ever touched.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ N_CLASSES = 6
 N_GROUPS, N_GROUPS_SHAPED, N_SEGMENT_TOKENS, N_CLUSTERS = 0, 1, 2, 3  # N_CLUSTERS + kind - 1
 N_COUNTS = 6
 
-# Cluster kinds (keys.table[k, KEY_KIND]).
+# Cluster kinds (keys.table[KEY_KIND, k]).
 NO_CLUSTER, KIND_CORRECT_ONLY, KIND_INCORRECT_ONLY, KIND_SHARED = range(4)
 
-# Segments: one row per segment of the group, in (response, position) order.
+# Segments: one column per segment of the group, in (response, position) order.
 SEG_RESP = 0  # the response (index inside the group) it belongs to
 SEG_START = 1  # flat index of its first token in the [B, T] batch
 SEG_LEN = 2
@@ -62,7 +62,7 @@ SEG_FIELDS = 5
 # prefix[i, c]: prefix hash of the first c tokens of the group's response i (keys.hash_rows).
 Segments = namedtuple("Segments", ["table", "prefix"])
 
-# Keys: one row per distinct segment (same tokens = same key).
+# Keys: one column per distinct segment (same tokens = same key).
 KEY_HOST = 0  # its first copy, the only one the scan reads
 KEY_LEN = 1
 KEY_SLOT = 2  # its head's slot in the head table
@@ -83,7 +83,7 @@ KEY_FIELDS = 16
 Keys = namedtuple(
     "Keys",
     [
-        "table",  # [K, KEY_FIELDS] int64
+        "table",  # [KEY_FIELDS, K] int64
         "hash",  # [K] uint64: the hash of all its tokens
         "weight",  # [K] float32: its cluster weight (0 for shared or none)
         "by_len",  # key ids by increasing length

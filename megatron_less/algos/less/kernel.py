@@ -114,9 +114,9 @@ def allocate(t, max_rows, max_tok, max_seg):
             np.empty(4 * 256, np.int64),
             np.empty(t + 2, np.int64),
         ),
-        Segments(np.empty((max_seg, SEG_FIELDS), np.int64), np.empty((max_rows, t + 1), np.uint64)),
+        Segments(np.empty((SEG_FIELDS, max_seg), np.int64), np.empty((max_rows, t + 1), np.uint64)),
         Keys(
-            np.empty((max_seg, KEY_FIELDS), np.int64),
+            np.empty((KEY_FIELDS, max_seg), np.int64),
             np.empty(max_seg, np.uint64),
             np.empty(max_seg, np.float32),
             np.empty(max_seg, np.int64),

@@ -68,25 +68,25 @@ def merge_copies(tok, pw, segs, nseg, keys, heads):
     slot_key[: 1 << bits] = -1
     nk = 0
     for s in range(nseg):
-        f, ln = seg[s, SEG_START], seg[s, SEG_LEN]
-        full = window_hash(prefix, pw, seg[s, SEG_RESP], seg[s, SEG_POS], ln)
+        f, ln = seg[SEG_START, s], seg[SEG_LEN, s]
+        full = window_hash(prefix, pw, seg[SEG_RESP, s], seg[SEG_POS, s], ln)
         slot = slot_of(full ^ np.uint64(ln), bits)
         while True:
             k = slot_key[slot]
             if k < 0:  # a new key
                 slot_key[slot] = nk
-                key[nk, KEY_HOST] = s
-                key[nk, KEY_LEN] = ln
+                key[KEY_HOST, nk] = s
+                key[KEY_LEN, nk] = ln
                 key_hash[nk] = full
-                seg[s, SEG_KEY] = nk
+                seg[SEG_KEY, s] = nk
                 nk += 1
                 break
             if (
                 key_hash[k] == full
-                and key[k, KEY_LEN] == ln
-                and equal_tokens(tok, seg[key[k, KEY_HOST], SEG_START], f, ln)
+                and key[KEY_LEN, k] == ln
+                and equal_tokens(tok, seg[SEG_START, key[KEY_HOST, k]], f, ln)
             ):
-                seg[s, SEG_KEY] = k
+                seg[SEG_KEY, s] = k
                 break
             slot = (slot + 1) & mask
     return nk
@@ -98,14 +98,14 @@ def sort_by_length(keys, nk, count):
     key, by_len = keys.table, keys.by_len
     max_len = 0
     for k in range(nk):
-        max_len = max(max_len, key[k, KEY_LEN])
+        max_len = max(max_len, key[KEY_LEN, k])
     count[: max_len + 2] = 0
     for k in range(nk):
-        count[key[k, KEY_LEN] + 1] += 1
+        count[key[KEY_LEN, k] + 1] += 1
     for i in range(max_len + 1):
         count[i + 1] += count[i]  # keys shorter than i + 1
     for k in range(nk):
-        ln = key[k, KEY_LEN]
+        ln = key[KEY_LEN, k]
         by_len[count[ln]] = k
         count[ln] += 1
 
@@ -123,15 +123,15 @@ def index_heads(pw, segs, keys, nk, heads, mu):
     h_count[:size] = 0
     bitmap[: (size << BITMAP_EXTRA) >> 6] = 0
     for k in range(nk):
-        host = key[k, KEY_HOST]
-        head = window_hash(prefix, pw, seg[host, SEG_RESP], seg[host, SEG_POS], mu)
+        host = key[KEY_HOST, k]
+        head = window_hash(prefix, pw, seg[SEG_RESP, host], seg[SEG_POS, host], mu)
         bitmap_set(bitmap, head, bits)
         slot = slot_of(head, bits)
         while h_count[slot] > 0 and h_hash[slot] != head:
             slot = (slot + 1) & mask
         h_hash[slot] = head
         h_count[slot] += 1
-        key[k, KEY_SLOT] = slot
+        key[KEY_SLOT, k] = slot
     at = 0
     for i in range(size):
         h_first[i] = at
@@ -139,10 +139,10 @@ def index_heads(pw, segs, keys, nk, heads, mu):
         h_count[i] = 0
     for i in range(nk):  # by increasing length inside each head
         k = by_len[i]
-        slot = key[k, KEY_SLOT]
+        slot = key[KEY_SLOT, k]
         pos = h_first[slot] + h_count[slot]
         h_keys[pos] = k
-        key[k, KEY_HEAD_POS] = pos
+        key[KEY_HEAD_POS, k] = pos
         h_count[slot] += 1
 
 
@@ -162,17 +162,17 @@ def link_prefixes(tok, pw, segs, keys, nk, heads):
         heads.keys,
     )
     for k in range(nk):
-        key[k, KEY_PARENT] = -1
-        kl = key[k, KEY_LEN]
-        host = key[k, KEY_HOST]
-        resp, pos = seg[host, SEG_RESP], seg[host, SEG_POS]
-        for i in range(key[k, KEY_HEAD_POS] - 1, h_first[key[k, KEY_SLOT]] - 1, -1):
+        key[KEY_PARENT, k] = -1
+        kl = key[KEY_LEN, k]
+        host = key[KEY_HOST, k]
+        resp, pos = seg[SEG_RESP, host], seg[SEG_POS, host]
+        for i in range(key[KEY_HEAD_POS, k] - 1, h_first[key[KEY_SLOT, k]] - 1, -1):
             c = h_keys[i]
-            cl = key[c, KEY_LEN]
+            cl = key[KEY_LEN, c]
             if (
                 cl < kl
                 and window_hash(prefix, pw, resp, pos, cl) == key_hash[c]
-                and equal_tokens(tok, seg[key[c, KEY_HOST], SEG_START], seg[host, SEG_START], cl)
+                and equal_tokens(tok, seg[SEG_START, key[KEY_HOST, c]], seg[SEG_START, host], cl)
             ):
-                key[k, KEY_PARENT] = c
+                key[KEY_PARENT, k] = c
                 break

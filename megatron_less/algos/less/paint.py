@@ -96,11 +96,11 @@ def _host_runs(key, weight, occ, i, i2, run_span, run_weight, aw, ae):
     while True:
         while ii < i2 and occ[OCC_POS, ii] == pos:  # the matches starting here
             k = occ[OCC_KEY, ii]
-            end_shared = max(end_shared, pos + key[k, KEY_SHARED_LEN])
-            c = key[k, KEY_TOP_WEIGHTED]
+            end_shared = max(end_shared, pos + key[KEY_SHARED_LEN, k])
+            c = key[KEY_TOP_WEIGHTED, k]
             while c >= 0:
-                na = _add_span(aw, ae, na, weight[c], pos + key[c, KEY_LEN])
-                c = key[c, KEY_NEXT_WEIGHTED]
+                na = _add_span(aw, ae, na, weight[c], pos + key[KEY_LEN, c])
+                c = key[KEY_NEXT_WEIGHTED, c]
             ii += 1
         na, best, nearest = _drop_ended(aw, ae, na, pos)
         next_match = occ[OCC_POS, ii] if ii < i2 else _FAR
@@ -164,12 +164,12 @@ def paint(segs, keys, occ, n_occ, p, rows, corr, out):
         n_runs = _host_runs(key, weight, occ, i, i2, run_span, run_weight, aw, ae)
         if n_runs:
             n_shared, n_weighted, w_weighted = _run_totals(run_span, run_weight, n_runs)
-            hk = seg[host, SEG_KEY]
-            for ci in range(key[hk, KEY_COPIES], key[hk, KEY_COPIES_END]):
+            hk = seg[SEG_KEY, host]
+            for ci in range(key[KEY_COPIES, hk], key[KEY_COPIES_END, hk]):
                 s = copies[ci]
-                f = seg[s, SEG_START]
+                f = seg[SEG_START, s]
                 d = np.float64(weights[f])  # segment tokens are low: still the default weight
-                kind = CORRECT_ONLY if corr[rows[seg[s, SEG_RESP]]] else INCORRECT_ONLY
+                kind = CORRECT_ONLY if corr[rows[seg[SEG_RESP, s]]] else INCORRECT_ONLY
                 _write_copy(run_span, run_weight, n_runs, f, kind, weights, classes)
                 class_tokens[SHARED] += n_shared
                 class_tokens[kind] += n_weighted

@@ -154,10 +154,10 @@ def add_segments(edges, ne, mu, start, resp, table, nseg, ntok):
     for e in range(0, ne, 2):
         a, z = edges[e], edges[e + 1]
         if z - a >= mu:
-            table[nseg, SEG_RESP] = resp
-            table[nseg, SEG_START] = start + a
-            table[nseg, SEG_POS] = a
-            table[nseg, SEG_LEN] = z - a
+            table[SEG_RESP, nseg] = resp
+            table[SEG_START, nseg] = start + a
+            table[SEG_POS, nseg] = a
+            table[SEG_LEN, nseg] = z - a
             ntok += z - a
             nseg += 1
     return nseg, ntok

@@ -65,7 +65,7 @@ def _fitting(key, h_keys, lo, hi, room):
     """End of the keys in h_keys[lo:hi] (sorted by length) at most `room` long."""
     while lo < hi:
         mid = (lo + hi) >> 1
-        if key[h_keys[mid], KEY_LEN] <= room:
+        if key[KEY_LEN, h_keys[mid]] <= room:
             lo = mid + 1
         else:
             hi = mid
@@ -76,23 +76,23 @@ def _fitting(key, h_keys, lo, hi, room):
 def _occurs(tok, key, k, kf, f, j, s):
     """Whether key k (first token at kf; its hash matched) occurs at offset j of host s (first
     token at f), confirmed token by token."""
-    kl = key[k, KEY_LEN]
-    d = j - key[k, KEY_LAST_POS]
-    if key[k, KEY_LAST_HOST] == s and d < kl:
+    kl = key[KEY_LEN, k]
+    d = j - key[KEY_LAST_POS, k]
+    if key[KEY_LAST_HOST, k] == s and d < kl:
         # Chained: K occurs at j - d (confirmed) with d < |K|, so K occurs at j iff K has period
         # d and the d tokens after that occurrence continue it.
-        if key[k, KEY_PERIOD] != d:
-            key[k, KEY_PERIOD] = d
-            key[k, KEY_PERIOD_OK] = equal_tokens(tok, kf + d, kf, kl - d)
-        return key[k, KEY_PERIOD_OK] != 0 and equal_tokens(tok, f + j + kl - d, kf + kl - d, d)
+        if key[KEY_PERIOD, k] != d:
+            key[KEY_PERIOD, k] = d
+            key[KEY_PERIOD_OK, k] = equal_tokens(tok, kf + d, kf, kl - d)
+        return key[KEY_PERIOD_OK, k] != 0 and equal_tokens(tok, f + j + kl - d, kf + kl - d, d)
     return equal_tokens(tok, f + j, kf, kl)
 
 
 @jit_inline
 def _record(key, occ, n_occ, k, s, j):
     """Key k is the longest match at offset j of host s."""
-    key[k, KEY_LAST_HOST] = s
-    key[k, KEY_LAST_POS] = j
+    key[KEY_LAST_HOST, k] = s
+    key[KEY_LAST_POS, k] = j
     occ[OCC_KEY, n_occ] = k
     occ[OCC_HOST, n_occ] = s
     occ[OCC_POS, n_occ] = j
@@ -108,16 +108,16 @@ def longest_matches(tok, pw, mu, segs, nseg, keys, nk, heads, matches):
     h_hash, h_first, h_count, h_keys, bitmap = heads.hash, heads.first, heads.count, heads.keys, heads.bitmap
     hits, occ = matches.hits, matches.occ
     for k in range(nk):
-        key[k, KEY_LAST_HOST] = -1
-        key[k, KEY_PERIOD] = -1
+        key[KEY_LAST_HOST, k] = -1
+        key[KEY_PERIOD, k] = -1
     bits = table_bits(nk)  # as index_heads
     n_occ = 0
     for s in range(nseg):
-        own = seg[s, SEG_KEY]
-        if key[own, KEY_HOST] != s:
+        own = seg[SEG_KEY, s]
+        if key[KEY_HOST, own] != s:
             continue  # a copy: its host is scanned
-        ln, f, pos = seg[s, SEG_LEN], seg[s, SEG_START], seg[s, SEG_POS]
-        pre, scale = prefix[seg[s, SEG_RESP], pos : pos + ln + 1], pw[pos : pos + ln + 1]
+        ln, f, pos = seg[SEG_LEN, s], seg[SEG_START, s], seg[SEG_POS, s]
+        pre, scale = prefix[seg[SEG_RESP, s], pos : pos + ln + 1], pw[pos : pos + ln + 1]
         n_occ = _record(key, occ, n_occ, own, s, 0)
         for q in range(_candidates(pre, scale, ln, mu, bitmap, bits, hits)):
             j = hits[q]
@@ -126,9 +126,9 @@ def longest_matches(tok, pw, mu, segs, nseg, keys, nk, heads, matches):
             first, end = _head_keys(h_hash, h_first, h_count, (pre[j + mu] - hj) * pj, bits)
             for i in range(_fitting(key, h_keys, first, end, ln - j) - 1, first - 1, -1):
                 k = h_keys[i]
-                if (pre[j + key[k, KEY_LEN]] - hj) * pj != key_hash[k]:
+                if (pre[j + key[KEY_LEN, k]] - hj) * pj != key_hash[k]:
                     continue  # the longest match is the first key whose hash matches and that occurs
-                if _occurs(tok, key, k, seg[key[k, KEY_HOST], SEG_START], f, j, s):
+                if _occurs(tok, key, k, seg[SEG_START, key[KEY_HOST, k]], f, j, s):
                     n_occ = _record(key, occ, n_occ, k, s, j)
                     break
     return n_occ
