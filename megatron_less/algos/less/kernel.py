@@ -102,6 +102,22 @@ def rows_by_group(gid, n_groups, corr):
 
 
 @jit
+def _largest_group(start, rows, lengths, mu):
+    """(responses, valid tokens, segments) that no group exceeds; a segment takes mu low tokens
+    and one more that ends the run (or the end of the response)."""
+    max_rows, max_tok, max_seg = 1, 1, 1
+    for g in range(start.size - 1):
+        n_tok, n_seg = 0, 1
+        for r in rows[start[g] : start[g + 1]]:
+            n_tok += lengths[r]
+            n_seg += (lengths[r] + 1) // (mu + 1)
+        max_rows = max(max_rows, start[g + 1] - start[g])
+        max_tok = max(max_tok, n_tok)
+        max_seg = max(max_seg, n_seg)
+    return max_rows, max_tok, max_seg
+
+
+@jit
 def allocate(t, max_rows, max_tok, max_seg):
     """Scratch for groups of at most max_rows responses, max_tok valid tokens and max_seg
     segments, in responses of at most t tokens (every array is touched only as far as used)."""
@@ -241,16 +257,7 @@ def less_kernel(inp, out, mu, quantile, base, base_inv):
     gid, n_groups = dense_ids(inp.gid)
     out.counts[N_GROUPS] = n_groups
     start, rows, n_correct = rows_by_group(gid, n_groups, inp.corr)
-    max_rows, max_tok, max_seg = 1, 1, 1
-    for g in range(n_groups):
-        n_tok, n_seg = 0, 1
-        for r in rows[start[g] : start[g + 1]]:
-            n_tok += inp.lengths[r]
-            n_seg += (inp.lengths[r] + 1) // (mu + 1)  # mu low tokens, then one that ends the run
-        max_rows = max(max_rows, start[g + 1] - start[g])
-        max_tok = max(max_tok, n_tok)
-        max_seg = max(max_seg, n_seg)
-    sc = allocate(inp.t, max_rows, max_tok, max_seg)
+    sc = allocate(inp.t, *_largest_group(start, rows, inp.lengths, mu))
     hashing = _hashing(inp.t, base, base_inv)
     for g in range(n_groups):
         g_rows = rows[start[g] : start[g + 1]]
