@@ -310,3 +310,11 @@ def test_single_process_train_with_vllm(tiny, tmp_path):
         assert r["rollout/logprob_gap_max"] < 1e-3, r  # fp32 on both sides: a broken sync shows up here
         assert r["loss/total"] == r["loss/total"]  # finite
     assert (out / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
+
+
+def test_importing_the_algorithms_leaves_numba_unloaded():
+    """numba (llvmlite's ffi object) loaded before a vLLM engine starts breaks vLLM 0.32's CPU
+    kernel scan; the LESS kernels load on their first call instead."""
+    code = "import sys, megatron_less.algos, megatron_less.trainer.config; print('llvmlite.binding.ffi' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..registry import register_shaper
-from .common import (
+from .codes import (
     CORRECT_ONLY,
     DEFAULT,
     HIGH,
@@ -50,7 +50,6 @@ from .common import (
     Inputs,
     Outputs,
 )
-from .kernel import less_kernel
 
 # Per-token classes (int8), as returned with return_classes=True and in less_shaper's stats.
 CLASS_PAD = PAD  # padding: weight 0
@@ -135,6 +134,8 @@ def less_token_weights(
         np.zeros(N_COUNTS, np.int64),
     )
     base = HASH_BASE % (1 << 64)
+    from .kernel import less_kernel  # numba loads on the first call (see codes.py)
+
     if not less_kernel(
         inp, out, int(mu), float(quantile), np.uint64(base), np.uint64(pow(base, -1, 1 << 64))
     ):

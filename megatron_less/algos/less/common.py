@@ -14,6 +14,23 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
+from .codes import (  # noqa: F401  (re-exported for the kernel modules)
+    CORRECT_ONLY,
+    DEFAULT,
+    HIGH,
+    INCORRECT_ONLY,
+    N_CLASSES,
+    N_CLUSTERS,
+    N_COUNTS,
+    N_GROUPS,
+    N_GROUPS_SHAPED,
+    N_SEGMENT_TOKENS,
+    PAD,
+    SHARED,
+    Inputs,
+    Outputs,
+)
+
 
 def jit(fn):
     """njit with numba's on-disk cache where numba finds a writable cache directory
@@ -40,14 +57,6 @@ def jit_inline(fn):
     except RuntimeError:
         return njit(inline="always", nogil=True, error_model="numpy")(fn)
 
-
-# Token classes (the public codes are re-exported by the package).
-PAD, HIGH, DEFAULT, CORRECT_ONLY, INCORRECT_ONLY, SHARED = range(6)
-N_CLASSES = 6
-
-# counts[...] of one call (kernel output), besides the per-class tallies.
-N_GROUPS, N_GROUPS_SHAPED, N_SEGMENT_TOKENS, N_CLUSTERS = 0, 1, 2, 3  # N_CLUSTERS + kind - 1
-N_COUNTS = 6
 
 # Cluster kinds (keys.table[KEY_KIND, k]).
 NO_CLUSTER, KIND_CORRECT_ONLY, KIND_INCORRECT_ONLY, KIND_SHARED = range(4)
@@ -120,30 +129,6 @@ Paint = namedtuple("Paint", ["run_span", "run_weight", "active_weight", "active_
 # (4 x 256 bins), and the run boundaries of low tokens.
 RowScratch = namedtuple("RowScratch", ["keys", "cand", "hist", "edges"])
 
-# The batch, flat (token f of row r at f = r * t + c), and what the kernel writes.
-Inputs = namedtuple(
-    "Inputs",
-    [
-        "tok",  # [B * T] int64
-        "ebits",  # [B * T * wpt] uint32: entropies as little-endian words
-        "wpt",  # words per entropy: 1 (float32) or 2 (float64)
-        "mask",  # [B * T] uint8, 0/1, left-aligned
-        "corr",  # [B] bool
-        "gid",  # [B] int64: group ids (any values)
-        "t",
-        "lengths",  # [B] int64, filled by the kernel: valid tokens per row
-    ],
-)
-Outputs = namedtuple(
-    "Outputs",
-    [
-        "weights",  # [B * T] float32
-        "classes",  # [B * T] int8
-        "class_tokens",  # [N_CLASSES] int64: tokens of shaped groups per class
-        "class_weight",  # [N_CLASSES] float64: their summed weights
-        "counts",  # [N_COUNTS] int64
-    ],
-)
 # One group: its rows (response i of the group is batch row rows[i]), N_c, N_w, the bit set of
 # its correct responses and the words of such bit sets.
 Group = namedtuple("Group", ["rows", "n_correct", "n_wrong", "correct_bits", "words"])
