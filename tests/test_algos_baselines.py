@@ -147,3 +147,23 @@ def test_kl_cov_ignores_padding_and_breaks_ties_by_position():
     extra = x.grad - plain
     assert extra[0, 0].item() == pytest.approx(1 / 4)  # the first of the tie
     assert extra.abs().sum().item() == pytest.approx(1 / 4)
+
+
+def test_every_loss_reports_the_count_it_normalises_by():
+    """Trainers that pass counts of 1 divide by loss_count: for forking tokens that is the
+    selected tokens, for PPO-clip every response token, for seq-mean modes the sequences."""
+    from megatron_less.algos import get_policy_loss
+    from megatron_less.algos.entropy_baselines import forking_token_mask
+
+    g = torch.Generator().manual_seed(3)
+    lp, old, adv = (torch.randn(4, 10, generator=g) for _ in range(3))
+    ent = torch.rand(4, 10, generator=g)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[3] = False
+    _, m = get_policy_loss("ppo_clip")(lp, old, adv, mask)
+    assert int(m["loss_count"]) == int(mask.sum())
+    _, m = get_policy_loss("ppo_clip")(lp, old, adv, mask, loss_agg_mode="seq-mean-token-mean")
+    assert int(m["loss_count"]) == 3
+    _, m = get_policy_loss("forking_tokens")(lp, old, adv, mask, entropy=ent)
+    assert int(m["loss_count"]) == int(forking_token_mask(ent, mask, 0.2).sum()) < int(mask.sum())

@@ -82,6 +82,10 @@ def test_layout_checks_need_no_process_group(tiny):
     cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "batch.mini_batch_prompts=2", "batch.prompts_per_step=4"))
     with pytest.raises(ConfigError, match="mini_batch_prompts .2. must be a multiple of the data-parallel size 4"):
         check_layout(cfg, model_arch(cfg), 4)
+    if not torch.cuda.is_available():
+        cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "model.dtype=bf16"))
+        with pytest.raises(ConfigError, match="model.dtype: bf16 .* needs a GPU"):
+            check_layout(cfg, model_arch(cfg), 1)
     cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "rollout.max_tokens=200"))
     with pytest.raises(ConfigError, match="max_position_embeddings 128"):
         check_layout(cfg, model_arch(cfg), 1)
@@ -262,7 +266,8 @@ def _resume_job(tiny, root):
     resumed = train(load_config(CONFIG, args))  # resume: auto
     same_w = all(torch.equal(w_full[n], t) for n, t in weights(resumed).items())
     same_opt = all(torch.equal(a, b) for a, b in zip(opt_full, _opt_tensors(resumed)))
-    return {"same_weights": same_w, "same_optimizer": same_opt, "dp": resumed.dp} if dist.get_rank() == 0 else None
+    res = {"same_weights": same_w, "same_optimizer": same_opt, "dp": resumed.dp}
+    return res if dist.get_rank() == 0 else None
 
 
 def _opt_tensors(run):

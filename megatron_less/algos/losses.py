@@ -69,6 +69,14 @@ def aggregate(
     raise ValueError(f"unknown loss_agg_mode {mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
 
 
+def normaliser_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """What this micro-batch adds to `aggregate`'s global count: its tokens for token-mean, its
+    sequences with at least one token for the seq-mean modes. A trainer that passes counts of 1
+    (so each term comes back as a sum) divides by the total of these over the optimizer step."""
+    m = mask.bool()
+    return m.sum() if mode == "token-mean" else (m.sum(-1) > 0).sum()
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1)
@@ -142,7 +150,7 @@ def finish_policy_loss(
     aggregated over `mask` with `loss_agg_mode` (see `aggregate`); returns (loss, metrics).
 
     ratio_terms = (log_ratio, ratio, clipped, dual_clipped) feed the PPO metrics (over `mask`);
-    metrics also hold pg_loss, then `extra_metrics`, then kl_ref and entropy when those are given.
+    metrics also hold pg_loss, loss_count (`normaliser_count` of `mask`), then `extra_metrics`, then kl_ref and entropy when those are given.
     The keywords are the ones every policy loss takes (module docstring)."""
 
     def agg(x):
@@ -158,6 +166,7 @@ def finish_policy_loss(
     pg_loss = agg(token_loss)
     metrics = ppo_metrics(mask, *ratio_terms)
     metrics["pg_loss"] = pg_loss.detach()
+    metrics["loss_count"] = normaliser_count(mask, loss_agg_mode)
     metrics.update(extra_metrics or {})
     loss = pg_loss
     if ref_log_prob is not None and kl_coef:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -288,6 +289,10 @@ def check_layout(cfg: Config, arch, world_size: int) -> int:
             "optim.use_distributed_optimizer: megatron-core's distributed optimizer does not reload its "
             "checkpoints without apex/TransformerEngine (see docs/architecture.md); set it false on this machine"
         )
+    if cfg.model.dtype == "bf16" and not torch.cuda.is_available():
+        # megatron-core's mixed-precision optimizer accepts only torch.cuda tensor types
+        raise ConfigError("model.dtype: bf16 training (megatron's mixed-precision optimizer) needs a GPU; "
+                          "use fp32 on CPU")
     limit = arch.max_position_embeddings
     if cfg.data.max_prompt_tokens + cfg.rollout.max_tokens > limit:
         raise ConfigError(

@@ -90,11 +90,6 @@ class LossSpec:
     kl_type: str = "k3"
     entropy_coef: float = 0.0
 
-    def count(self, mask: torch.Tensor) -> torch.Tensor:
-        """What a micro-batch adds to the normaliser: tokens, or sequences for seq-mean modes."""
-        n = mask.sum() if self.agg_mode == "token-mean" else (mask.sum(-1) > 0).sum()
-        return n.to(torch.int)
-
 
 def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec) -> dict[str, float]:
     """Forward/backward over one mini-batch (gradients left in megatron's buffers). Returns sums
@@ -122,7 +117,8 @@ def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec) -> dict[str, 
                 ref_log_prob=x.get("ref_logprobs"), kl_coef=spec.kl_coef, kl_type=spec.kl_type, entropy=ent,
                 entropy_coef=spec.entropy_coef,
             )  # fmt: skip
-            count = spec.count(mask)
+            # the loss's own count (forking tokens: the selected tokens, not every response token)
+            count = metrics.pop("loss_count").to(torch.int)
             _accumulate(sums, metrics, mb.num_tokens, total, count)
             return total, count, {}
 
