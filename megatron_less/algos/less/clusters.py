@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .codes import N_CLUSTERS
 from .common import (
     KEY_COPIES,
     KEY_COPIES_END,
@@ -22,7 +23,6 @@ from .common import (
     KIND_CORRECT_ONLY,
     KIND_INCORRECT_ONLY,
     KIND_SHARED,
-    N_CLUSTERS,
     NO_CLUSTER,
     OCC_HOST,
     OCC_KEY,

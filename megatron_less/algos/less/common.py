@@ -14,23 +14,6 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
-from .codes import (  # noqa: F401  (re-exported for the kernel modules)
-    CORRECT_ONLY,
-    DEFAULT,
-    HIGH,
-    INCORRECT_ONLY,
-    N_CLASSES,
-    N_CLUSTERS,
-    N_COUNTS,
-    N_GROUPS,
-    N_GROUPS_SHAPED,
-    N_SEGMENT_TOKENS,
-    PAD,
-    SHARED,
-    Inputs,
-    Outputs,
-)
-
 
 def jit(fn):
     """njit with numba's on-disk cache where numba finds a writable cache directory

@@ -11,16 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from .clusters import classify, collect_carriers, group_copies, summarise_prefixes
+from .codes import DEFAULT, HIGH, N_GROUPS, N_GROUPS_SHAPED, N_SEGMENT_TOKENS, PAD
 from .common import (
     BITMAP_EXTRA,
-    DEFAULT,
-    HIGH,
     KEY_FIELDS,
-    N_GROUPS,
-    N_GROUPS_SHAPED,
-    N_SEGMENT_TOKENS,
     ONE,
-    PAD,
     SEG_FIELDS,
     Group,
     Hashing,

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .codes import CORRECT_ONLY, DEFAULT, INCORRECT_ONLY, SHARED
 from .common import (
-    CORRECT_ONLY,
-    DEFAULT,
-    INCORRECT_ONLY,
     KEY_COPIES,
     KEY_COPIES_END,
     KEY_LEN,
@@ -29,7 +27,6 @@ from .common import (
     SEG_KEY,
     SEG_RESP,
     SEG_START,
-    SHARED,
     jit,
     jit_inline,
 )

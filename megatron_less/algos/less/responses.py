@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import DEFAULT, HIGH, SEG_LEN, SEG_POS, SEG_RESP, SEG_START, jit
+from .codes import DEFAULT, HIGH
+from .common import SEG_LEN, SEG_POS, SEG_RESP, SEG_START, jit
 
 _SIGN32 = np.uint64(0x80000000)
 _LOW32 = np.uint64(0xFFFFFFFF)
