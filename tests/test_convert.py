@@ -37,22 +37,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _logits(model, tokens):
     """Full-vocabulary logits on the rank holding them (last stage, TP rank 0), else None."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    b, s = tokens.shape
-    pos = torch.arange(s).expand(b, s)
+    from megatron_less.models.schedule import forward_logits
 
-    def step(it, m):
-        out = m(next(it), pos, None)
-        # the schedule scales the returned loss in place: hand back a dummy, stash the logits
-        return out, lambda o: (o.new_zeros(()), {"logits": o.detach().clone()})
-
-    res = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([tokens]),
-                                      model=[model], num_microbatches=1, seq_length=s,
-                                      micro_batch_size=b, forward_only=True)
+    local = forward_logits([model], tokens)
     if not ps.is_pipeline_last_stage():
         return None
-    local = res[0]["logits"]
     parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
     keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0

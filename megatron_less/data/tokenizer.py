@@ -67,3 +67,15 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 
 def clear_tokenizer_cache() -> None:
     _load.cache_clear()
+
+
+def stop_token_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> tuple[int, ...]:
+    """The tokenizer's EOS and those of the model's generation_config.json (Qwen2.5 lists two)."""
+    import json
+
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    gen = Path(model_dir) / "generation_config.json" if model_dir else None
+    if gen is not None and gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return tuple(sorted(ids))

@@ -4,26 +4,10 @@ engine (vLLM when installed, else the built-in Megatron sampler)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 import torch
-
-
-def _is_megatron_checkpoint(path: Path) -> bool:
-    return (path / "megatron_less.json").exists()
-
-
-def _stop_ids(tokenizer, model_dir: Path) -> tuple[int, ...]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = model_dir / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return tuple(sorted(ids))
 
 
 def model_generate_fn(
@@ -42,8 +26,8 @@ def model_generate_fn(
 
     Collective under torchrun: every rank calls it and gets all responses."""
     from megatron_less.checkpoints.hf import load_hf_checkpoint
-    from megatron_less.checkpoints.model import checkpoint_arch, load_checkpoint
-    from megatron_less.data.tokenizer import load_tokenizer
+    from megatron_less.checkpoints.model import checkpoint_arch, is_megatron_checkpoint, load_checkpoint
+    from megatron_less.data.tokenizer import load_tokenizer, stop_token_ids
     from megatron_less.models.qwen2 import ConfigError, Qwen2Arch
     from megatron_less.parallel import runtime
     from megatron_less.models.policy import build_frozen
@@ -51,7 +35,7 @@ def model_generate_fn(
     path = Path(model)
     if not path.is_dir():
         raise FileNotFoundError(f"model {path} is not a folder (HF checkpoint or megatron-less checkpoint)")
-    is_ckpt = _is_megatron_checkpoint(path)
+    is_ckpt = is_megatron_checkpoint(path)
     arch = checkpoint_arch(path) if is_ckpt else Qwen2Arch.from_hf(path)
     try:  # before any process group exists: a wrong layout fails in seconds, not after startup
         arch.check(tp, pp)
@@ -61,7 +45,7 @@ def model_generate_fn(
         tokenizer = load_tokenizer(path)
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
-    stop = _stop_ids(tokenizer, path)
+    stop = stop_token_ids(tokenizer, path)
 
     runtime.initialize(tp, pp, seed=seed)
     model_chunks = build_frozen(arch, tp=tp, pp=pp, params_dtype=dtype)

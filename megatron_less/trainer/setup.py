@@ -51,18 +51,6 @@ def model_arch(cfg: Config):
     return Qwen2Arch.from_hf(cfg.model.hf_dir) if cfg.model.hf_dir else checkpoint_arch(cfg.model.checkpoint)
 
 
-def stop_token_ids(tokenizer, model_dir: str | None) -> tuple[int, ...]:
-    """EOS of the tokenizer and of the model's generation_config.json (Qwen2.5 lists two)."""
-    import json
-
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    gen = Path(model_dir or "") / "generation_config.json"
-    if model_dir and gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return tuple(sorted(ids))
-
-
 def _scheduler(cfg: Config, optimizer):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -120,7 +108,7 @@ def _model_files(cfg: Config, hf) -> tuple[dict, dict | None, str]:
 
 def build_run(cfg: Config) -> Run:
     from megatron_less.data.sampler import PromptSampler, load_prompts
-    from megatron_less.data.tokenizer import load_tokenizer
+    from megatron_less.data.tokenizer import load_tokenizer, stop_token_ids
     from megatron_less.models.policy import OptimConfig, build_frozen, build_policy
     from megatron_less.parallel import runtime
     from megatron_less.trainer.logger import RunLogger
