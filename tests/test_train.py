@@ -323,3 +323,29 @@ def test_importing_the_algorithms_leaves_numba_unloaded():
     code = "import sys, megatron_less.algos, megatron_less.trainer.config; print('llvmlite.binding.ffi' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def _vllm_tp2_job(tiny, out):
+    from megatron_less.trainer.loop import train
+
+    cfg = load_config(CONFIG, _overrides(tiny, out, "rollout.engine=vllm", "parallel.tp=2", "rollout.rollout_tp=2",
+                                         "train.steps=2", "rollout.temperature=0.7", "rollout.top_p=0.9"))  # fmt: skip
+    run = train(cfg)  # ends by shutting vLLM down, which takes the default group with it
+    return run.metrics if os.environ["RANK"] == "0" else None
+
+
+@pytest.mark.vllm
+def test_train_tp2_with_vllm_tp2(tiny, tmp_path):
+    """Megatron TP2 and a vLLM TP2 engine in the same two processes: weights synced from the
+    shards each step, vLLM's log-probs match the trainer's recomputation."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("MLESS_REQUIRE_VLLM") == "1":
+            raise RuntimeError("MLESS_REQUIRE_VLLM=1 but vllm is not installed")
+        pytest.skip("vllm is not installed")
+    run_distributed(_vllm_tp2_job, 2, (tiny, str(tmp_path / "v2")), timeout=600,
+                    env={"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})  # fmt: skip
+    rows = _rows(tmp_path / "v2")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rollout/logprob_gap_max"] < 1e-3 for r in rows), rows

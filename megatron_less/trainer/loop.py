@@ -52,12 +52,12 @@ def train(cfg: Config):
             run.logger.log_eval(step, phases.evaluate(run, step))
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last:
             train_state.save(run)
-    run.logger.close()
-    shutdown = getattr(run.engine, "shutdown", None)
-    if shutdown is not None:  # vLLM's groups go before torch.distributed does
-        shutdown()
     if cfg.checkpoint.export_hf:
         run.logger.print(f"exported {train_state.export_hf(run)}")
+    run.logger.close()
+    shutdown = getattr(run.engine, "shutdown", None)
+    if shutdown is not None:  # vLLM's groups (and with them the default group) go last
+        shutdown()
     return run
 
 
