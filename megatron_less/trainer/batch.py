@@ -59,6 +59,11 @@ def response_matrix(rows: list[list], dtype, pad=0) -> torch.Tensor:
     return out
 
 
+def response_mask(seqs: list[Sequence]) -> torch.Tensor:
+    """[N, T_resp] True on each response's tokens (response layout)."""
+    return response_matrix([[True] * len(s.response) for s in seqs], torch.bool, False)
+
+
 @dataclass
 class MicroBatch:
     rows: list[int]  # indices into the rank's sequence list

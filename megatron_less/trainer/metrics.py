@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from megatron_less.trainer.phases import gather_parts
+from megatron_less.trainer.batch import response_mask
+from megatron_less.trainer.phases import gather_parts, sum_parts
 
 LESS_KEYS = ("frac_tokens_correct_only", "frac_tokens_incorrect_only", "frac_tokens_shared", "frac_high_entropy",
              "frac_low_entropy", "mean_weight", "mean_weight_correct_only", "mean_weight_incorrect_only",
              "mean_weight_default")  # fmt: skip
 
 
-def rollout_metrics(seqs, max_tokens: int) -> dict[str, float]:
+def rollout_metrics(seqs) -> dict[str, float]:
     n = len(seqs)
     lengths = torch.tensor([len(s.response) for s in seqs], dtype=torch.float64)
     reasons = [s.scored for s in seqs]
@@ -32,13 +33,11 @@ def local_token_sums(seqs, per_token: dict, stats: dict, report: bool) -> dict[s
     """This DP rank's sums (only one rank per DP replica reports, so nothing counts twice)."""
     if not report:
         return {}
-    mask = torch.zeros_like(per_token["old_logprobs"], dtype=torch.bool)
+    mask = response_mask(seqs)
+    rollout_lp = torch.zeros(mask.shape, dtype=torch.float64)
     for i, s in enumerate(seqs):
-        mask[i, : len(s.response)] = True
-    gap = torch.zeros_like(mask, dtype=torch.float64)
-    for i, s in enumerate(seqs):
-        gap[i, : len(s.response)] = (torch.tensor(s.rollout_logprobs, dtype=torch.float64)
-                                     - per_token["old_logprobs"][i, : len(s.response)].double()).abs()
+        rollout_lp[i, : len(s.response)] = torch.tensor(s.rollout_logprobs, dtype=torch.float64)
+    gap = (rollout_lp - per_token["old_logprobs"].double()).abs()
     n = float(mask.sum())
     out = {
         "tok": n,
@@ -58,8 +57,8 @@ def local_token_sums(seqs, per_token: dict, stats: dict, report: bool) -> dict[s
 def step_metrics(run, seqs, local: dict, upd: dict, times: dict[str, float]) -> dict[str, float]:
     """Collective (one gather). ``local`` from `local_token_sums`, ``upd`` from phases.update."""
     every = gather_parts(local)
-    parts = {k: sum(p.get(k, 0.0) for p in every) for p in every for k in p}
-    m = rollout_metrics(seqs, run.cfg.rollout.max_tokens)
+    parts = sum_parts(every)
+    m = rollout_metrics(seqs)
     tok = max(parts.get("tok", 0.0), 1.0)
     m.update({
         "rollout/entropy": parts.get("entropy", 0.0) / tok,

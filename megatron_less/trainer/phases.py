@@ -84,7 +84,7 @@ def old_logprobs(run, seqs) -> dict[str, torch.Tensor]:
 def advantages(run, seqs, per_token: dict) -> tuple[torch.Tensor, dict]:
     """Estimator then shaper from the registry, on this rank's whole groups."""
     a = run.cfg.algo
-    mask = B.response_matrix([[1] * len(s.response) for s in seqs], torch.bool, False)
+    mask = B.response_mask(seqs)
     data = {
         "token_ids": B.response_matrix([s.response for s in seqs], torch.long),
         "entropy": per_token["entropy"],
@@ -135,13 +135,18 @@ def gather_parts(local: dict) -> list[dict]:
     return parts
 
 
-def gather_sums(local: dict) -> dict:
-    """Key-wise sum over the ranks that report (collective over the world)."""
+def sum_parts(parts: list[dict]) -> dict:
+    """Key-wise sum of the ranks' dicts (a key missing on a rank counts 0)."""
     out: dict[str, float] = {}
-    for part in gather_parts(local):
+    for part in parts:
         for k, v in part.items():
             out[k] = out.get(k, 0.0) + v
     return out
+
+
+def gather_sums(local: dict) -> dict:
+    """Key-wise sum over the ranks that report (collective over the world)."""
+    return sum_parts(gather_parts(local))
 
 
 def sync_weights(run) -> dict:
