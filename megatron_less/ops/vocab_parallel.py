@@ -253,47 +253,99 @@ def _run(fused, fused_fn, eager_fn, eager_args, fused_args, chunk):
     return eager_fn(*eager_args)
 
 
+def shard_stats(x, target, rank, valid, temperature, chunk, with_entropy, fused):
+    """[n, 4] float64 per-token stats of this rank's logits ``x`` [n, Vr] (see Forward): local
+    max, S0 - 1, S1, and x_t where this rank owns the target (else 0). No communication."""
+    tgt, owned = _local_target(target, rank, x.shape[-1], valid)
+    if valid == 0:  # all padding: no max, empty sums (S0 - 1 = -1 below, w_r = 0 in the merge)
+        stats = x.new_zeros(x.shape[0], 5, dtype=torch.float64)
+        stats[:, 0] = -torch.inf
+    else:
+        stats = _run(fused, _stats_fused, _stats_eager, (x, tgt, temperature, chunk, with_entropy, valid),
+                     (x, tgt, _consts(temperature, valid, x)), chunk).double()
+    ones = torch.round(stats[:, 1] - stats[:, 2])  # >= 1 (the max and its ties); 0 if valid = 0
+    return torch.stack([stats[:, 0], stats[:, 2] + (ones - 1), stats[:, 3],
+                        torch.where(owned, stats[:, 4], 0.0)], -1)
+
+
+def merge_stats(stats, group, temperature, with_entropy):
+    """The one collective (an all-gather of [n, 4]) and the merge: float64 (logprob, entropy,
+    M, log S0) per token; entropy is 0 without ``with_entropy``."""
+    tp, _ = _group_info(group)
+    if tp > 1:
+        parts = [torch.empty_like(stats) for _ in range(tp)]
+        dist.all_gather(parts, stats, group=group)
+        all_stats = torch.stack(parts)
+    else:
+        all_stats = stats.unsqueeze(0)
+    mx, s0m1, s1, xt = all_stats.unbind(-1)  # each [tp, n]
+    big_mx = mx.amax(0)
+    shift = (mx - big_mx) / temperature  # m_r - M
+    w = torch.exp(shift)  # exactly 1 on the rank(s) holding the max
+    shift = torch.where(w > 0, shift, 0.0)  # w = 0 terms vanish; -inf (all padding) * 0 = NaN
+    s0m1_sum = (w * s0m1).sum(0) + (w.sum(0) - 1)
+    log_s0 = torch.log1p(s0m1_sum)
+    # not z_t - logZ: at the argmax this is exactly 0 - log_s0, however small
+    logprob = (xt.sum(0) - big_mx) / temperature - log_s0
+    if with_entropy:
+        s1_sum = (w * (s1 + shift * (1 + s0m1))).sum(0)
+        ent = log_s0 - s1_sum / (1 + s0m1_sum)
+    else:
+        ent = torch.zeros_like(log_s0)
+    return logprob, ent, big_mx, log_s0
+
+
+def logits_grad(x, target, rank, valid, saved, g_lp, g_h, temperature, chunk, fused):
+    """Gradient of the loss w.r.t. this rank's logits ``x`` [n, Vr], in x's dtype, from the
+    upstream (g_lp, g_h) (None: no gradient) and ``saved`` = merge_stats' float64 (logprob,
+    entropy, M, log S0) for these rows. No communication."""
+    logprob, ent, big_mx, log_s0 = saved
+    if valid == 0:
+        return torch.zeros_like(x)
+    t = temperature
+    tgt, owned = _local_target(target, rank, x.shape[-1], valid)
+    g = g_lp.double() if g_lp is not None else torch.zeros_like(ent)
+    h = g_h.double() if g_h is not None else torch.zeros_like(ent)
+    # l = z - logZ = (x - C) / T - c_lo with C = fp32(T logZ): x - C is exact near the top
+    # (z = x / T itself would round); the float64 tail c_lo and -1/T fold into a and b.
+    big_c = (big_mx + t * log_s0).float()
+    c_lo = ((big_mx - big_c.double()) + t * log_s0) / t
+    corr = torch.exp(-c_lo)
+    a = (-(g + h * ent - h * c_lo) * corr / t).float().unsqueeze(-1)
+    b = (-h * corr / t).float().unsqueeze(-1)
+    big_c = big_c.unsqueeze(-1)
+    grad = _run(fused, _grad_fused, _grad_eager,
+                (x, big_c, a, b if g_h is not None else None, t, chunk, valid),
+                (x, big_c, a, b, _consts(t, valid, x)), chunk)
+    # The target's entry from float64: 1 - p_t = -expm1(logprob) cancels in fp32 when p_t ~ 1.
+    lp_f = logprob.clamp(min=_EXP_FLOOR)  # a -inf target: p_t (l_t + H) = 0, not NaN
+    at_t = (-g * torch.expm1(logprob) - h * torch.exp(lp_f) * (lp_f + ent)) / t
+    rows = owned.nonzero().squeeze(-1)
+    grad[rows, tgt[rows, 0]] = at_t[rows].to(grad.dtype)
+    return grad
+
+
+def check_vocab_size(vocab_size, vr, group):
+    """The op's vocab_size, validated against the padded total; None when nothing is padding."""
+    if vocab_size is None:
+        return None
+    total = _group_info(group)[0] * vr
+    if not 0 < vocab_size <= total:
+        raise ValueError(f"vocab_size must be in [1, {total}] (the padded vocabulary), got {vocab_size}")
+    return None if vocab_size == total else int(vocab_size)
+
+
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad, fused, vocab_size):
         ctx.set_materialize_grads(False)
-        vr = x.shape[-1]
         tp, rank = _group_info(group)
-        valid = _valid_columns(vocab_size, rank, vr)
-        tgt, owned = _local_target(target, rank, vr, valid)
-        if valid == 0:  # all padding: no max, empty sums (S0 - 1 = -1 below, w_r = 0 in the merge)
-            stats = x.new_zeros(x.shape[0], 5, dtype=torch.float64)
-            stats[:, 0] = -torch.inf
-        else:
-            stats = _run(fused, _stats_fused, _stats_eager, (x, tgt, temperature, chunk, with_entropy, valid),
-                         (x, tgt, _consts(temperature, valid, x)), chunk).double()
-        ones = torch.round(stats[:, 1] - stats[:, 2])  # >= 1 (the max and its ties); 0 if valid = 0
-        stats = torch.stack([stats[:, 0], stats[:, 2] + (ones - 1), stats[:, 3],
-                             torch.where(owned, stats[:, 4], 0.0)], -1)
-        if tp > 1:
-            parts = [torch.empty_like(stats) for _ in range(tp)]
-            dist.all_gather(parts, stats, group=group)
-            all_stats = torch.stack(parts)
-        else:
-            all_stats = stats.unsqueeze(0)
-        mx, s0m1, s1, xt = all_stats.unbind(-1)  # each [tp, n]
-        big_mx = mx.amax(0)
-        shift = (mx - big_mx) / temperature  # m_r - M
-        w = torch.exp(shift)  # exactly 1 on the rank(s) holding the max
-        shift = torch.where(w > 0, shift, 0.0)  # w = 0 terms vanish; -inf (all padding) * 0 = NaN
-        s0m1_sum = (w * s0m1).sum(0) + (w.sum(0) - 1)
-        log_s0 = torch.log1p(s0m1_sum)
-        # not z_t - logZ: at the argmax this is exactly 0 - log_s0, however small
-        logprob = (xt.sum(0) - big_mx) / temperature - log_s0
-        if with_entropy:
-            s1_sum = (w * (s1 + shift * (1 + s0m1))).sum(0)
-            ent = log_s0 - s1_sum / (1 + s0m1_sum)
-        else:
-            ent = torch.zeros_like(log_s0)
-
+        valid = _valid_columns(vocab_size, rank, x.shape[-1])
+        stats = shard_stats(x, target, rank, valid, temperature, chunk, with_entropy, fused)
+        logprob, ent, big_mx, log_s0 = merge_stats(stats, group, temperature, with_entropy)
         ctx.temperature, ctx.chunk, ctx.rank, ctx.fused, ctx.valid = temperature, chunk, rank, fused, valid
         ctx.entropy_grad = with_entropy and entropy_grad
-        ctx.save_for_backward(x, target, big_mx, log_s0, ent, logprob)
+        ctx.save_for_backward(x, target, logprob, ent, big_mx, log_s0)
         out_lp, out_h = logprob.float(), ent.float()
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(out_h)
@@ -301,33 +353,12 @@ class _LogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
-        x, target, big_mx, log_s0, ent, logprob = ctx.saved_tensors
+        x, target, *saved = ctx.saved_tensors
         if not ctx.entropy_grad:
             g_h = None
         if g_lp is None and g_h is None:
             return (None,) * 9
-        if ctx.valid == 0:
-            return (torch.zeros_like(x),) + (None,) * 8
-        t, valid = ctx.temperature, ctx.valid
-        tgt, owned = _local_target(target, ctx.rank, x.shape[-1], valid)
-        g = g_lp.double() if g_lp is not None else torch.zeros_like(ent)
-        h = g_h.double() if g_h is not None else torch.zeros_like(ent)
-        # l = z - logZ = (x - C) / T - c_lo with C = fp32(T logZ): x - C is exact near the top
-        # (z = x / T itself would round); the float64 tail c_lo and -1/T fold into a and b.
-        big_c = (big_mx + t * log_s0).float()
-        c_lo = ((big_mx - big_c.double()) + t * log_s0) / t
-        corr = torch.exp(-c_lo)
-        a = (-(g + h * ent - h * c_lo) * corr / t).float().unsqueeze(-1)
-        b = (-h * corr / t).float().unsqueeze(-1)
-        big_c = big_c.unsqueeze(-1)
-        grad = _run(ctx.fused, _grad_fused, _grad_eager,
-                    (x, big_c, a, b if g_h is not None else None, t, ctx.chunk, valid),
-                    (x, big_c, a, b, _consts(t, valid, x)), ctx.chunk)
-        # The target's entry from float64: 1 - p_t = -expm1(logprob) cancels in fp32 when p_t ~ 1.
-        lp_f = logprob.clamp(min=_EXP_FLOOR)  # a -inf target: p_t (l_t + H) = 0, not NaN
-        at_t = (-g * torch.expm1(logprob) - h * torch.exp(lp_f) * (lp_f + ent)) / t
-        rows = owned.nonzero().squeeze(-1)
-        grad[rows, tgt[rows, 0]] = at_t[rows].to(grad.dtype)
+        grad = logits_grad(x, target, ctx.rank, ctx.valid, saved, g_lp, g_h, ctx.temperature, ctx.chunk, ctx.fused)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -366,11 +397,7 @@ def vocab_parallel_logprob_entropy(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     vr = logits.shape[-1]
-    if vocab_size is not None:
-        total = _group_info(tp_group)[0] * vr
-        if not 0 < vocab_size <= total:
-            raise ValueError(f"vocab_size must be in [1, {total}] (the padded vocabulary), got {vocab_size}")
-        vocab_size = None if vocab_size == total else int(vocab_size)
+    vocab_size = check_vocab_size(vocab_size, vr, tp_group)
     if fused is None and not fused_available(logits.device):
         fused = False
     lead = logits.shape[:-1]
