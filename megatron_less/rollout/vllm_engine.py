@@ -191,6 +191,9 @@ class VLLMEngine(RolloutEngine):
 
     def wake_up(self) -> None:
         if self._asleep:
+            # training's activations stay cached in torch's allocator; vLLM's weights and KV cache
+            # come from its own memory pool, which cannot use that cache
+            torch.cuda.empty_cache()
             self.llm.wake_up()
             self._asleep = False
 

@@ -3,7 +3,7 @@
 # no megatron-core or vLLM there): megatron-core travels as a wheel in .whl/ (see README).
 #   device run: bash tests/gpu/check.sh [script ...]        (carry: .whl)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import megatron.core" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
 out=${OUT:-/tmp/gpu-out}; mkdir -p "$out"
 scripts=("$@")
-[ ${#scripts[@]} -gt 0 ] || scripts=(tests/gpu/vocab_parallel_gpu.py tests/gpu/megatron_gpu.py)
+[ ${#scripts[@]} -gt 0 ] || scripts=(tests/gpu/vocab_parallel_gpu.py tests/gpu/megatron_gpu.py tests/gpu/train_gpu.py)
 for script in "${scripts[@]}"; do
   echo "=== $script"
   timeout 300 python3 "$script" 2>&1 | grep -v -i "warn" | tee "$out/$(basename "$script" .py).log"
