@@ -336,20 +336,26 @@ def hf_tensors(meg_name: str, shards: list[torch.Tensor], arch: Qwen2Arch) -> di
     names = hf_names(meg_name, arch)
     if rest.startswith("self_attention.linear_qkv."):
         ng, qd, hd = _qkv_groups(arch)
-        full = torch.cat(shards, dim=0)
+        full = _cat(shards, 0)
         full = full.reshape(ng, qd + 2 * hd, *full.shape[1:])
         q, k, v = full.split([qd, hd, hd], dim=1)
         return {n: t.reshape(-1, *t.shape[2:]).contiguous() for n, t in zip(names, (q, k, v))}
     if rest == "mlp.linear_fc1.weight":
         halves = [s.chunk(2, dim=0) for s in shards]
-        gate = torch.cat([h[0] for h in halves], dim=0)
-        up = torch.cat([h[1] for h in halves], dim=0)
+        gate = _cat([h[0] for h in halves], 0)
+        up = _cat([h[1] for h in halves], 0)
         return {names[0]: gate, names[1]: up}
     dim = tp_split_dim(meg_name)
-    t = shards[0] if dim is None else torch.cat(shards, dim=dim)
+    t = shards[0] if dim is None else _cat(shards, dim)
     if rest in ("embedding.word_embeddings.weight", "output_layer.weight"):
         t = t[: arch.vocab_size]
     return {names[0]: t.contiguous()}
+
+
+def _cat(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """One shard (TP1) is returned as is: a copy of every weight would double the weight sync's
+    memory traffic. The result may then alias the parameter; readers copy it before it changes."""
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim=dim)
 
 
 def global_name(local_name: str, layer_offset: int) -> str:
