@@ -111,7 +111,11 @@ class HFCheckpoint:
         from safetensors import safe_open
 
         if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.folder, file), framework="pt")
+            path = os.path.join(self.folder, file)
+            try:
+                self._handles[file] = safe_open(path, framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
+                raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
         return self._handles[file]
 
     def _validate(self) -> None:

@@ -18,6 +18,7 @@ the padding is identical at every layout (and the same as a fresh HF import).
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Callable
 
 import torch
@@ -63,6 +64,31 @@ def read_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def check_files(ckpt_dir: str | os.PathLike) -> None:
+    """Every file the checkpoint's torch_dist metadata points into exists and is long enough, and
+    megatron's common state is there: a missing or truncated file is named here, by a check of
+    sizes that needs no process group and reads no weight."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = os.fspath(ckpt_dir)
+    read_metadata(ckpt_dir)
+    try:
+        storage = FileSystemReader(ckpt_dir).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001 - any failure to read it means the same thing
+        raise CheckpointError(f"{ckpt_dir}: the torch_dist index (.metadata) is unreadable: "
+                              f"{type(e).__name__}: {e}") from None
+    need: dict[str, int] = {"common.pt": 1}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        path = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{ckpt_dir}: {rel} is missing (the checkpoint's index refers to it)")
+        if os.path.getsize(path) < size:
+            raise CheckpointError(f"{path} is truncated: {os.path.getsize(path)} bytes, the checkpoint's index "
+                                  f"needs at least {size}")
+
+
 def checkpoint_arch(ckpt_dir: str | os.PathLike) -> Qwen2Arch:
     return Qwen2Arch.from_hf(read_metadata(ckpt_dir)["hf_config"])
 
@@ -104,10 +130,24 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
     tmp = partial_dir(out)
     rank0_then_all(prepare_output_dir, out)
     dtype = next(model.parameters()).dtype
-    with mcore_compat.sync_save():  # no Manager process for a save made in this process
-        dist_checkpointing.save({**model.sharded_state_dict(), **(extra_sharded or {})}, tmp)
-    if on_disk is not None:
-        on_disk(tmp)
+    failure = None
+    try:
+        with mcore_compat.sync_save():  # no Manager process for a save made in this process
+            dist_checkpointing.save({**model.sharded_state_dict(), **(extra_sharded or {})}, tmp)
+        if on_disk is not None:
+            on_disk(tmp)
+    except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
+        failure = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
+    # every rank's files are on disk (or some rank failed) before the folder is published; all
+    # ranks learn of any rank's failure, so none waits for a publish that will not come
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    failed = [f for f in failures if f]
+    if failed:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"checkpoint {out} was not saved ({'; '.join(failed)[:2000]}); nothing was "
+                              "published there, and no other folder was touched")
     meta = {
         "hf_config": hf_config,
         "generation_config": generation_config,
@@ -122,10 +162,13 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
     }
 
     def finish():
-        write_json(os.path.join(tmp, META_FILE), meta)
-        publish_output_dir(tmp, out)
+        try:
+            write_json(os.path.join(tmp, META_FILE), meta)
+            publish_output_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never published: nothing half-written stays
+            raise
 
-    dist.barrier()  # every rank's shards are on disk before the folder is published
     rank0_then_all(finish)
     return out
 

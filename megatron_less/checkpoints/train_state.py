@@ -9,14 +9,23 @@ that looks complete. It holds
   * trainer_state.json: step, data position, LR schedule, counters, the resolved config, layout;
   * rng/rank_R.pt: each rank's python / numpy / torch / CUDA / megatron model-parallel RNG states.
 RNG states are restored only at the layout they were saved at (elsewhere rank R is another
-shard); sampling and the losses draw from per-step seeds, so a resume at another layout still
-continues the run.
+shard; the process RNGs are then seeded from ``seed`` as at a fresh start). Nothing a step
+computes draws from them: sampling draws from a generator seeded by (seed, step) and Qwen2 has no
+dropout, so a resume at another layout continues the same run, equal up to the floating-point
+differences between layouts (docs/architecture.md, Reliability).
+
+Guarantees (tests/test_reliability.py, benchmarks/kill_resume.py): a folder named step_N is
+complete (published by one rename after every rank's files); a save that fails on any rank fails
+on every rank and leaves nothing; no checkpoint holds a non-finite weight or optimizer value;
+pruning renames a folder away before deleting it, so a crash mid-prune leaves no step_N that is
+half gone.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -26,9 +35,14 @@ import torch.distributed as dist
 
 from megatron_less.checkpoints.files import CheckpointError, read_json, write_json
 from megatron_less.checkpoints.model import META_FILE, load_with, save_checkpoint
+from megatron_less.parallel import faults
 
 STATE_FILE = "trainer_state.json"
 STATE_VERSION = 1
+STEP_DIR = re.compile(r"step_\d+")  # a published checkpoint (not .partial, not .stale)
+# config keys the LR schedule is built from: a resume must use the values it was saved with
+SCHEDULE_KEYS = ("optim.lr", "optim.min_lr", "optim.lr_schedule", "optim.warmup_steps", "optim.weight_decay",
+                 "train.steps", "batch.prompts_per_step", "batch.mini_batch_prompts", "batch.ppo_epochs")
 
 
 def checkpoints_dir(out_dir) -> Path:
@@ -39,10 +53,16 @@ def is_complete(path: Path) -> bool:
     return (path / META_FILE).is_file() and (path / STATE_FILE).is_file()
 
 
-def latest(out_dir) -> Path | None:
-    """The newest complete checkpoint (``.partial`` folders of an interrupted save never count)."""
+def complete(out_dir) -> list[Path]:
+    """Published, complete checkpoints, oldest first (``.partial`` folders of an interrupted save
+    and ``.stale`` ones of an interrupted prune never count)."""
     root = checkpoints_dir(out_dir)
-    found = sorted(p for p in root.glob("step_*") if not p.name.endswith(".partial") and is_complete(p))
+    return sorted(p for p in root.glob("step_*") if STEP_DIR.fullmatch(p.name) and is_complete(p))
+
+
+def latest(out_dir) -> Path | None:
+    """The newest complete checkpoint."""
+    found = complete(out_dir)
     return found[-1] if found else None
 
 
@@ -87,9 +107,11 @@ def trainer_state(run) -> dict:
 
 
 def save(run) -> Path:
-    """Collective: every rank writes its shards and RNG state; rank 0 the trainer state."""
+    """Collective: every rank writes its shards and RNG state; rank 0 the trainer state.
+    Refuses (on every rank, before writing) a model or optimizer state that is not finite."""
     out = checkpoints_dir(run.out_dir) / f"step_{run.step:06d}"
     module, optimizer = run.policy.module, run.policy.optimizer
+    check_finite(run)
     extra = {"optimizer": optimizer.sharded_state_dict(module.sharded_state_dict())}
     rank = dist.get_rank()
 
@@ -98,29 +120,68 @@ def save(run) -> Path:
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
         if rank == 0:
             write_json(os.path.join(tmp, STATE_FILE), trainer_state(run))
+        faults.kill_point("save", run.step)
 
-    save_checkpoint(module, out, run.arch, hf_config=run.hf_config, generation_config=run.generation_config,
-                    source=run.source, extra_sharded=extra, on_disk=on_disk)
+    with faults.full_disk(run.step):  # MLESS_FAULT only
+        save_checkpoint(module, out, run.arch, hf_config=run.hf_config, generation_config=run.generation_config,
+                        source=run.source, extra_sharded=extra, on_disk=on_disk)
     if rank == 0:
-        _prune(checkpoints_dir(run.out_dir), run.cfg.checkpoint.keep)
+        _prune(run.out_dir, run.cfg.checkpoint.keep)
     dist.barrier()
     return out
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".partial") and is_complete(p))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("step_*.partial"):  # left by a crash; never the one being written (rank 0 renamed it)
+def check_finite(run) -> None:
+    """Collective: every rank checks its weights and optimizer state; any non-finite value on any
+    rank raises CheckpointError on every rank, naming the first tensor and its rank."""
+    bad = None
+    for name, p in run.policy.module.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            bad = f"weight {name}"
+            break
+    if bad is None:
+        bad = next((f"optimizer state {where}" for where, t in _tensors(run.policy.optimizer.state_dict())
+                    if t.is_floating_point() and not torch.isfinite(t).all()), None)  # fmt: skip
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, bad)
+    named = [f"rank {r}: {b}" for r, b in enumerate(found) if b]
+    if named:
+        raise CheckpointError(f"refusing to save step {run.step}: non-finite values ({'; '.join(named[:4])}); "
+                              f"the checkpoints already in {checkpoints_dir(run.out_dir)} are kept")
+
+
+def _tensors(obj, where: str = ""):
+    """(path, tensor) of every tensor in a nested dict/list (an optimizer's state dict)."""
+    if torch.is_tensor(obj):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{where}[{i}]")
+
+
+def _prune(out_dir, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints. Each older one is renamed away first (one atomic
+    step), then deleted: a crash in between leaves a ``.stale`` folder, never a step_N that is
+    half gone. Leftovers of crashed saves and prunes go too (never the folder being written:
+    rank 0 has published it)."""
+    root = checkpoints_dir(out_dir)
+    for old in complete(out_dir)[:-keep]:
+        stale = old.with_name(old.name + ".stale")
+        os.rename(old, stale)
         shutil.rmtree(stale, ignore_errors=True)
+    for left in [*root.glob("step_*.partial"), *root.glob("step_*.stale")]:
+        shutil.rmtree(left, ignore_errors=True)
 
 
-def resume_path(run) -> Path | None:
-    resume = run.cfg.checkpoint.resume
+def resume_path(cfg) -> Path | None:
+    resume = cfg.checkpoint.resume
     if resume == "none":
         return None
     if resume == "auto":
-        return latest(run.out_dir)
+        return latest(cfg.output_dir)
     path = Path(resume)
     if not is_complete(path):
         raise CheckpointError(f"checkpoint.resume: {path} is not a complete training checkpoint "
@@ -128,14 +189,62 @@ def resume_path(run) -> Path | None:
     return path
 
 
-def maybe_resume(run) -> Path | None:
-    """Load model, optimizer, LR schedule, data position, counters and (same layout) RNG."""
-    path = resume_path(run)
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def check_resume(cfg, arch, num_prompts: int) -> Path | None:
+    """The checkpoint a run will resume from, checked before any process group or weight: it is
+    complete and of this format, of the same model, saved with the same LR schedule and training
+    file, and nothing newer in ``output_dir`` would be overwritten by the resumed run's saves."""
+    from megatron_less.checkpoints.hf import check_same_arch
+    from megatron_less.checkpoints.model import check_files, checkpoint_arch
+
+    path = resume_path(cfg)
     if path is None:
         return None
     state = read_json(path / STATE_FILE)
-    if state.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{path / STATE_FILE}: version {state.get('version')!r}, this code reads {STATE_VERSION}")
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path / STATE_FILE}: version {got!r}, this code reads {STATE_VERSION}")
+    missing = [k for k in ("step", "sampler", "scheduler", "counters", "layout", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path / STATE_FILE}: missing {missing} (not a trainer state this code wrote)")
+    check_same_arch(arch, checkpoint_arch(path), f"checkpoint.resume: {path}")
+    check_files(path)
+    here = {"world": int(os.environ.get("WORLD_SIZE", "1")), "tp": cfg.parallel.tp, "pp": cfg.parallel.pp}
+    if state["layout"] == here:  # RNG states are restored: every rank needs its own
+        lost = [r for r in range(here["world"]) if not (path / "rng" / f"rank_{r}.pt").is_file()]
+        if lost:
+            raise CheckpointError(f"{path / 'rng'}: no RNG state for rank(s) {lost} (the checkpoint is incomplete)")
+    now = cfg.model_dump()
+    for key in SCHEDULE_KEYS:
+        if _get(state["config"], key) != _get(now, key):
+            raise CheckpointError(
+                f"checkpoint.resume: {path} was saved with {key}={_get(state['config'], key)!r}, this config has "
+                f"{_get(now, key)!r}; the LR schedule cannot continue under another one (set {key} back, "
+                "or start a new output_dir from this checkpoint's model with model.checkpoint)")
+    if state["sampler"].get("num_prompts") != num_prompts:
+        raise CheckpointError(
+            f"checkpoint.resume: {path} saved a data position over {state['sampler'].get('num_prompts')} prompts, "
+            f"{cfg.data.train_file} now gives {num_prompts}: resuming would not continue the same order")
+    newer = [p.name for p in complete(cfg.output_dir) if int(p.name[5:]) > state["step"]]
+    if newer:
+        raise CheckpointError(
+            f"checkpoint.resume: {path} is step {state['step']}, but {checkpoints_dir(cfg.output_dir)} holds newer "
+            f"{newer}, which the resumed run would collide with; resume from the newest (checkpoint.resume=auto) "
+            "or use another output_dir")
+    return path
+
+
+def maybe_resume(run, path: Path | None) -> Path | None:
+    """Load model, optimizer, LR schedule, data position, counters and (same layout) RNG from
+    ``path`` (check_resume's answer)."""
+    if path is None:
+        return None
+    state = read_json(path / STATE_FILE)
     module, optimizer = run.policy.module, run.policy.optimizer
     extra = {"optimizer": optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True)}
     _, loaded = load_with(module, path, run.arch, extra)
@@ -143,10 +252,15 @@ def maybe_resume(run) -> Path | None:
     run.scheduler.load_state_dict(state["scheduler"])
     run.sampler.load_state_dict(state["sampler"])
     run.step, run.counters = state["step"], dict(state["counters"])
-    if state["layout"] == _layout():
+    if same_layout(path):
         rng = torch.load(path / "rng" / f"rank_{dist.get_rank()}.pt", weights_only=False)
         _set_rng_state(rng)
     return path
+
+
+def same_layout(path: Path) -> bool:
+    """Whether the checkpoint was saved at this job's world size, TP and PP."""
+    return read_json(path / STATE_FILE)["layout"] == _layout()
 
 
 def export_hf(run) -> str:

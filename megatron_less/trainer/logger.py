@@ -33,10 +33,21 @@ class RunLogger:
 
     @staticmethod
     def _truncate(path: Path, start_step: int) -> None:
+        """Keep the rows up to ``start_step``. A job killed mid-write leaves a torn last line: it
+        is dropped, not an error. Rewritten beside and renamed, so a crash here loses nothing."""
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
+                keep.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
 
     def log(self, step: int, metrics: dict[str, float], rollouts: list[dict] = ()) -> None:
         if not self.enabled:

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_less.algos import compute_token_advantages
+from megatron_less.parallel import faults
 from megatron_less.rollout.base import SamplingParams
 from megatron_less.trainer import batch as B
 from megatron_less.trainer.passes import LossSpec, logprobs_and_entropy, optimizer_step, train_minibatch
@@ -20,6 +21,7 @@ def rollout(run, prompts, step: int) -> list[B.Sequence]:
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
                             seed=run.cfg.seed * 100_003 + step, stop_token_ids=run.stop_ids)
     out = run.engine.generate([p.token_ids for p in prompts], r.n, params)
+    faults.kill_point("rollout", step)
     return [B.Sequence(g, prompts[g].token_ids, list(x.token_ids), list(x.logprobs), x.finish_reason)
             for g, responses in enumerate(out) for x in responses]  # fmt: skip
 
@@ -104,11 +106,13 @@ def update(run, seqs, minibatches: list[list[int]], per_token: dict) -> dict:
     spec = LossSpec(c.algo.policy_loss, dict(c.algo.loss_kwargs), c.algo.loss_agg_mode, c.rollout.temperature,
                     run.arch.vocab_size, c.rollout.max_tokens, c.algo.kl_coef, c.algo.kl_type, c.algo.entropy_coef)
     keep = {k: per_token[k] for k in ("old_logprobs", "advantages", "ref_logprobs") if k in per_token}
+    hooks = faults.corrupt_update(run.policy.model, run.step + 1, keep)  # MLESS_FAULT only
     totals: dict[str, float] = {}
     for _ in range(c.batch.ppo_epochs):
         for rows in minibatches:
             mbs = microbatches(run, seqs, rows, keep)
             sums = train_minibatch(run.policy, mbs, spec)
+            faults.kill_point("update", run.step + 1)
             sums = gather_sums(sums if _loss_rank() else {})
             loss = sums.get("_loss_sum", 0.0) / max(sums.get("_loss_count", 0.0), 1.0)
             stepped, norm = optimizer_step(run.policy, run.scheduler, math.isfinite(loss))
@@ -118,6 +122,8 @@ def update(run, seqs, minibatches: list[list[int]], per_token: dict) -> dict:
             for k, v in {**sums, "_loss": loss, "_grad_norm": norm, "_stepped": float(stepped), "_opt_steps": 1.0,
                          "_padded": float(padded), "_real": float(real)}.items():  # fmt: skip
                 totals[k] = totals.get(k, 0.0) + v
+    for h in hooks:
+        h.remove()
     return totals
 
 

@@ -86,8 +86,12 @@ def _engine(cfg: Config, arch, policy):
 
 def _initial_weights(cfg: Config):
     from megatron_less.checkpoints.hf import HFCheckpoint
+    from megatron_less.checkpoints.model import check_files
 
-    return HFCheckpoint(cfg.model.hf_dir) if cfg.model.hf_dir else None
+    if cfg.model.hf_dir:
+        return HFCheckpoint(cfg.model.hf_dir)
+    check_files(cfg.model.checkpoint)
+    return None
 
 
 def _load_start_checkpoint(cfg: Config, module, arch) -> None:
@@ -122,6 +126,10 @@ def build_run(cfg: Config) -> Run:
     if len(prompts) < cfg.batch.prompts_per_step:
         raise ConfigError(f"batch.prompts_per_step ({cfg.batch.prompts_per_step}) exceeds the {len(prompts)} usable "
                           f"prompts in {cfg.data.train_file}")
+    from megatron_less.checkpoints import train_state
+
+    resume = train_state.check_resume(cfg, arch, len(prompts))  # before any process group or weight
+    hf = _initial_weights(cfg)  # opening validates every tensor's name and shape (HF) or file (checkpoint)
     tp, pp, dtype = cfg.parallel.tp, cfg.parallel.pp, DTYPES[cfg.model.dtype]
     runtime.initialize(tp, pp, seed=cfg.seed)
     o = cfg.optim
@@ -134,7 +142,6 @@ def build_run(cfg: Config) -> Run:
     layout = dict(calculate_per_token_loss=True)
     if pp > 1:
         layout.update(variable_seq_lengths=True, batch_p2p_comm=False, moe_token_dispatcher_type="alltoall")
-    hf = _initial_weights(cfg)
     policy = build_policy(arch, tp=tp, pp=pp, params_dtype=dtype, optim=optim, hf_weights=hf, **layout)
     if hf is None:
         _load_start_checkpoint(cfg, policy.module, arch)
@@ -150,10 +157,11 @@ def build_run(cfg: Config) -> Run:
               sampler=sampler, policy=policy, scheduler=_scheduler(cfg, policy.optimizer), engine=None,
               ref_model=ref, logger=None, dp=dp, data_stats=data_stats, hf_config=hf_config,
               generation_config=generation_config, source=source)  # fmt: skip
-    from megatron_less.checkpoints.train_state import maybe_resume
-
-    maybe_resume(run)
+    train_state.maybe_resume(run, resume)
     run.engine = _engine(cfg, arch, policy)
     run.logger = RunLogger(cfg.output_dir, total_steps=cfg.train.steps, start_step=run.step,
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, enabled=dist.get_rank() == 0)
+    if resume is not None:
+        run.logger.print(f"resumed from {resume} (step {run.step})" + ("" if train_state.same_layout(resume) else
+                         "; saved at another layout: RNG states seeded from `seed`, not restored"))
     return run
