@@ -11,7 +11,8 @@
 #   megatron-less prepare-data --source math_train --out data/math_train.jsonl
 # A step whose output exists is skipped, so a rerun after a failure resumes where it stopped
 # (training itself resumes from its newest checkpoint). For many nodes run the training step
-# through examples/launch/slurm.sbatch with the same overrides.
+# through examples/launch/slurm.sbatch with the same overrides. EVAL_ARGS adds options to the
+# evaluation (megatron-less eval --help), e.g. EVAL_ARGS="--benchmarks math500,aime24".
 set -euo pipefail
 
 die() { echo "pipeline.sh: error: $*" >&2; exit 2; }
@@ -28,13 +29,13 @@ RUN_DIR=${RUN_DIR:-runs/$RECIPE}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 export GPUS_PER_NODE
 
-# the recipe's layouts, for the conversion and the evaluation job
-read -r TP ROLLOUT_TP < <(python3 -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))
-print(c["parallel"]["tp"], c["rollout"]["rollout_tp"])' "$CONFIG")
+# the recipe's layouts and dtype, for the conversion, evaluation and export jobs
+read -r TP ROLLOUT_TP DTYPE < <(python3 -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))
+print(c["parallel"].get("tp", 1), c["rollout"].get("rollout_tp", 1), c["model"].get("dtype", "fp32"))' "$CONFIG")
 
 if [ ! -d "$RUN_DIR/base" ]; then
   echo "== convert $HF_DIR -> $RUN_DIR/base"
-  megatron-less convert-hf --hf-dir "$HF_DIR" --out "$RUN_DIR/base" --tp "$TP" --dtype bf16
+  megatron-less convert-hf --hf-dir "$HF_DIR" --out "$RUN_DIR/base" --tp "$TP" --dtype "$DTYPE"
 fi
 
 echo "== train $CONFIG"
@@ -47,12 +48,13 @@ CKPT=$(find "$RUN_DIR/checkpoints" -maxdepth 1 -name 'step_*' ! -name '*.partial
 
 if [ ! -f "$RUN_DIR/eval/$(basename "$CKPT")/eval_results.json" ]; then
   echo "== eval $CKPT"
+  read -r -a eval_args <<< "${EVAL_ARGS:-}"
   MODEL=$CKPT TOKENIZER=$HF_DIR GPUS=$GPUS_PER_NODE TP=$TP ROLLOUT_TP=$ROLLOUT_TP \
-    OUT_DIR="$RUN_DIR/eval/$(basename "$CKPT")" bash examples/eval_math.sh --dtype bf16
+    OUT_DIR="$RUN_DIR/eval/$(basename "$CKPT")" bash examples/eval_math.sh --dtype "$DTYPE" "${eval_args[@]}"
 fi
 
 if [ ! -d "$RUN_DIR/hf/$(basename "$CKPT")" ]; then
   echo "== export $CKPT -> $RUN_DIR/hf/$(basename "$CKPT")"
-  megatron-less export-hf --ckpt "$CKPT" --out "$RUN_DIR/hf/$(basename "$CKPT")" --tokenizer "$HF_DIR" --dtype bf16
+  megatron-less export-hf --ckpt "$CKPT" --out "$RUN_DIR/hf/$(basename "$CKPT")" --tokenizer "$HF_DIR" --dtype "$DTYPE"
 fi
 echo "== done: $RUN_DIR/hf/$(basename "$CKPT")"

@@ -70,11 +70,11 @@ def test_recipe_layout_fits_one_8_gpu_node(recipe, variant):
     assert 8 % cfg.rollout.rollout_tp == 0 and cfg.rollout.kv_cache_gib
 
 
-def _bash(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+def _bash(script: str, *args: str, timeout: str = "60", **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_",
                                                                        "RDZV_", "HF_DIR", "TRAIN_FILE"))}
     return subprocess.run(["bash", str(EXAMPLES / script), *args], cwd=REPO, env={**clean, **env},
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+                          capture_output=True, text=True, timeout=float(timeout))  # fmt: skip
 
 
 CONFIG = "examples/configs/qwen2.5-math-7b.yaml"
@@ -112,3 +112,25 @@ def test_shell_scripts_pass_shellcheck():
     proc = subprocess.run([_tool("shellcheck"), "--shell=bash", *map(str, scripts)], capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_the_tiny_model(tmp_path, data_dir):
+    """examples/pipeline.sh with the tiny recipe on CPU: convert -> 1 training step -> eval of
+    the checkpoint (2 problems) -> HF export that transformers loads. ~2 min on 2 cores."""
+    from transformers import AutoModelForCausalLM
+
+    from tests import train_fixtures
+
+    hf_dir, train_file = train_fixtures.make_model(tmp_path, steps=30)
+    run = tmp_path / "run"
+    eval_args = ("--engine builtin --benchmarks math500 --limit 2 --num-samples 2 --max-tokens 12 --template plain "
+                 f"--no-plot --no-bootstrap --num-workers 1 --data-dir {data_dir}")  # fmt: skip
+    proc = _bash("pipeline.sh", "tiny_cpu", "model.hf_dir=", "train.steps=1", "rollout.n=4", "batch.prompts_per_step=2",
+                 "batch.mini_batch_prompts=2", "log.tensorboard=false", HF_DIR=str(hf_dir), TRAIN_FILE=str(train_file),
+                 RUN_DIR=str(run), GPUS_PER_NODE="1", EVAL_ARGS=eval_args, PYTHONWARNINGS="ignore",
+                 timeout="600")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "base").is_dir() and (run / "eval" / "step_000001" / "eval_results.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(run / "hf" / "step_000001")
+    assert model.config.num_hidden_layers == 4
