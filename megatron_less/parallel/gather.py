@@ -29,7 +29,8 @@ def _tp_shards(t: torch.Tensor) -> list[torch.Tensor]:
 def iter_hf_tensors(model, arch: qwen2.Qwen2Arch) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every weight of this rank's pipeline stage, in model order.
 
-    A tied LM head on the last stage is skipped (it is the embedding)."""
+    A tied LM head on the last stage is skipped (it is the embedding). Without TP most tensors
+    are views of the parameters (no copy): clone what must outlive the next optimizer step."""
     offset = qwen2.layer_offset(model)
     for name, param in model.named_parameters():
         gname = qwen2.global_name(name, offset)
