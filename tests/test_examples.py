@@ -85,6 +85,7 @@ MISSING = [  # (script, args, env, what the message must name)
     ("launch/torchrun.sh", [CONFIG], {"NNODES": "2", "NODE_RANK": "1"}, "MASTER_ADDR is not set"),
     ("launch/torchrun.sh", [CONFIG], {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "must be below NNODES"),
     ("launch/torchrun.sh", [CONFIG], {"NNODES": "two"}, "NNODES must be"),
+    ("launch/torchrun.sh", [CONFIG], {"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE must be a positive integer"),
     ("launch/torchrun.sh", [CONFIG], {"NNODES": "2", "RDZV_ENDPOINT": "h:29400"}, "RDZV_ID is not set"),
     ("launch/slurm.sbatch", [CONFIG], {}, "SLURM_JOB_ID is not set"),
     ("pipeline.sh", [], {}, "usage: pipeline.sh RECIPE"),

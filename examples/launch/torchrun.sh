@@ -16,19 +16,20 @@ need() {  # need VAR "what it is": fail before torchrun starts, naming the varia
   [ -n "${!1:-}" ] || die "$1 is not set: $2"
 }
 is_count() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"; }
+is_positive() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
 
 [ $# -ge 1 ] || die "usage: torchrun.sh CONFIG.yaml [key=value ...]"
 [ -f "$1" ] || die "config file $1 does not exist"
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
-is_count GPUS_PER_NODE "$GPUS_PER_NODE"
+is_positive GPUS_PER_NODE "$GPUS_PER_NODE"
 
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
   # c10d also takes an elastic range MIN:MAX of nodes
   [[ $NNODES =~ ^[0-9]+(:[0-9]+)?$ ]] || die "NNODES must be a count or MIN:MAX, got '$NNODES'"
   need RDZV_ID "a job id shared by all nodes of this run (e.g. \$SLURM_JOB_ID)"
   rdzv=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")
-elif is_count NNODES "$NNODES" && [ "$NNODES" -gt 1 ]; then
+elif is_positive NNODES "$NNODES" && [ "$NNODES" -gt 1 ]; then
   need NODE_RANK "this node's rank, 0..$((NNODES - 1)) (or set RDZV_ENDPOINT for c10d rendezvous)"
   need MASTER_ADDR "the address of the node with NODE_RANK=0, reachable from every node"
   is_count NODE_RANK "$NODE_RANK"
