@@ -3,6 +3,8 @@
     of the same Megatron model, and (2) generation tokens/s of vLLM vs the built-in sampler.
 
     python benchmarks/rollout.py [--tp 1] [--hidden 256] [--layers 4] [--vocab 4096]
+    # 59M parameters (RESULTS.md), generation kept short:
+    python benchmarks/rollout.py --hidden 512 --layers 8 --vocab 32768 --prompts 4 --n 2 --tokens 16
 """
 
 from __future__ import annotations
