@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "HF Qwen2.5 folder -> megatron checkpoint"),
     "export-hf": ("megatron_less.checkpoints.convert:export_hf_main", "megatron checkpoint -> HF folder"),
     "prepare-data": ("megatron_less.data.prepare", "write the training file from MATH or a hub dataset"),
+    "demo": ("megatron_less.demo.run", "GRPO + LESS on an embedded task, on a CPU, in minutes"),
+    "compare": ("megatron_less.demo.compare", "GRPO vs LESS vs forking tokens vs KL-Cov on the demo task"),
+    "plot": ("megatron_less.report.plot", "a run's curves as a PNG"),
+    "view": ("megatron_less.report.viewer", "a step's rollouts as an HTML page (entropy, LESS classes)"),
 }
 
 

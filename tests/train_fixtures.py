@@ -34,6 +34,7 @@ def make_model(root: Path, *, steps: int = 150, seed: int = 0, **overrides) -> t
     from transformers import Qwen2ForCausalLM
 
     from megatron_less.data.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_less.demo.model import warm_up
 
     hf_dir = root / "hf"
     rows = problems(seed)
@@ -46,30 +47,6 @@ def make_model(root: Path, *, steps: int = 150, seed: int = 0, **overrides) -> t
     cfg = dict(vocab_size=300, max_position_embeddings=128, hidden_size=128, intermediate_size=256, **overrides)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(tiny.hf_config(**cfg)).float()
-    _warm_up(model, tok, rows, steps)
+    warm_up(model, tok, rows, lambda r: f" \\boxed{{{r['answer']}}}", steps=steps, lr=3e-3, batch=16)
     model.eval().save_pretrained(hf_dir)
     return hf_dir, write_train_file(root / "train.jsonl", rows)
-
-
-def _warm_up(model, tok, rows, steps: int) -> None:
-    """A few supervised steps on the answers only, stopped early so some answers stay wrong."""
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    seqs = []
-    for r in rows:
-        p = tok.encode(r["prompt"], add_special_tokens=False)
-        a = tok.encode(f" \\boxed{{{r['answer']}}}", add_special_tokens=False) + [eos]
-        seqs.append((p, a))
-    width = max(len(p) + len(a) for p, a in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    for i, (p, a) in enumerate(seqs):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(seqs), (16,), generator=gen)
-        loss = model(input_ids=ids[idx], labels=labels[idx]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()

@@ -18,13 +18,20 @@ CHATML_TEMPLATE = (
 
 
 def build_tiny_tokenizer(
-    out_dir: str | Path, texts: Iterable[str], vocab_size: int = 512, chat_template: bool = True
+    out_dir: str | Path, texts: Iterable[str], vocab_size: int = 512, chat_template: bool = True,
+    split_digits: bool = False,
 ) -> Path:
+    """``split_digits``: one token per digit, as Qwen2's tokenizer does (arithmetic then
+    generalises digit by digit instead of memorising multi-digit tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -119,7 +119,8 @@ class TrainCfg(_Section):
 
 
 class EvalCfg(_Section):
-    every: int = Field(0, ge=0)  # 0: never during training
+    every: int = Field(0, ge=0)  # 0: never during training; else every k steps and at the last step
+    before_train: bool = False  # also evaluate the starting policy (logged as step 0): the run's own baseline
     benchmarks: list[str] = ["math500"]
     n: int = Field(4, ge=1)
     temperature: float = Field(0.1, ge=0)

@@ -20,7 +20,8 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
+            # a fresh run (start 0) replaces everything, its own step-0 evaluation included
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else 0)
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -33,7 +34,8 @@ class RunLogger:
 
     @staticmethod
     def _truncate(path: Path, start_step: int) -> None:
-        """Keep the rows up to ``start_step``. A job killed mid-write leaves a torn last line: it
+        """Keep the rows up to ``start_step``; a fresh start (0) keeps none, since it redoes its
+        step-0 baseline evaluation. A job killed mid-write leaves a torn last line: it
         is dropped, not an error. Rewritten beside and renamed, so a crash here loses nothing."""
         if not path.exists():
             return
@@ -43,7 +45,8 @@ class RunLogger:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int)
+            if ok and start_step > 0 and row["step"] <= start_step:
                 keep.append(line)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))

@@ -27,6 +27,8 @@ def train(cfg: Config):
     """Every rank of the job calls this. Returns the run (``run.metrics``: the last step's)."""
     run = build_run(cfg)  # resumes from the newest complete checkpoint when asked
     last = min(cfg.train.steps, run.step + (cfg.train.stop_after_steps or cfg.train.steps))
+    if cfg.eval.before_train and run.step == 0:
+        run.logger.log_eval(0, phases.evaluate(run, 0))
     for step in range(run.step + 1, last + 1):
         t = Timer()
         with t("rollout"):
@@ -48,7 +50,7 @@ def train(cfg: Config):
         local = local_token_sums(mine, per_token, stats, report=_reports())
         run.metrics = step_metrics(run, seqs, local, upd, dict(t))
         run.logger.log(step, run.metrics, _samples(run, prompts, mine, per_token, stats))
-        if cfg.eval.every and step % cfg.eval.every == 0:
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
             run.logger.log_eval(step, phases.evaluate(run, step))
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last:
             train_state.save(run)

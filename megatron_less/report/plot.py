@@ -1,0 +1,100 @@
+"""``megatron-less plot RUN_DIR``: the run's curves as one PNG (reward and training accuracy,
+held-out accuracy from the evaluations, response length, entropy, LESS token classes, update
+health), from metrics.jsonl and eval.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_less.report import run_files
+
+LESS_CLASSES = (("less/frac_tokens_correct_only", "correct-only"), ("less/frac_tokens_incorrect_only", "incorrect-only"),
+                ("less/frac_tokens_shared", "shared"), ("less/frac_high_entropy", "high-entropy (untouched)"))  # fmt: skip
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` steps (RL curves are noisy step to step)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _panel(ax, rows, keys, title, window):
+    for key, label in keys:
+        steps, values = _series(rows, key)
+        if steps:
+            (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smooth(values, window), color=line.get_color(), label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def _eval_panel(ax, evals):
+    names = run_files.eval_metric_names(evals, "avg@")[-1:] + run_files.eval_metric_names(evals, "worst@")[-1:]
+    for name in names:
+        for bench, (steps, values) in run_files.eval_series(evals, name).items():
+            ax.plot(steps, values, marker="o", label=f"{Path(bench).stem} {name}")
+    ax.set_title("held-out accuracy (eval)")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no evaluations (eval.every: 0)", ha="center", va="center", transform=ax.transAxes,
+                color="grey")  # fmt: skip
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = 5) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, evals = run_files.metrics(run_dir), run_files.evals(run_dir)
+    if not rows:
+        raise run_files.RunError(f"{Path(run_dir) / 'metrics.jsonl'}: no steps logged yet")
+    out = Path(out) if out else Path(run_dir) / "plots" / "curves.png"
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    _panel(axes[0, 0], rows, [("reward/mean", "reward"), ("reward/accuracy", "accuracy")], "rollout reward", window)
+    _eval_panel(axes[0, 1], evals)
+    _panel(axes[0, 2], rows, [("response/length_mean", "mean"), ("response/length_max", "max")],
+           "response length (tokens)", window)  # fmt: skip
+    _panel(axes[1, 0], rows, [("rollout/entropy", "rollout"), ("actor/entropy", "update")], "token entropy", window)
+    _panel(axes[1, 1], rows, LESS_CLASSES, "LESS token classes (fraction)", window)
+    _panel(axes[1, 2], rows, [("actor/grad_norm", "grad norm"), ("actor/clipfrac", "clip fraction"),
+                              ("actor/approx_kl", "approx KL")], "update", window)  # fmt: skip
+    fig.suptitle(f"{run_dir} (steps {rows[0]['step']}..{rows[-1]['step']}, thin: per step, thick: mean of {window})")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-less plot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="a training run's output_dir")
+    ap.add_argument("--out", help="PNG path (default RUN_DIR/plots/curves.png)")
+    ap.add_argument("--window", type=int, default=5, help="steps in the smoothing window")
+    args = ap.parse_args(argv)
+    try:
+        print(f"wrote {plot_run(args.run_dir, args.out, max(1, args.window))}")
+    except run_files.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

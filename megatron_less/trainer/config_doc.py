@@ -1,0 +1,69 @@
+"""The config reference (docs/config.md), generated from the config classes so it cannot drift:
+each key's type, default and meaning (the field's description, else its line's comment in
+config.py). A test fails when the committed page differs from what this prints.
+
+    python -m megatron_less.trainer.config_doc > docs/config.md
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import tokenize
+import typing
+
+from pydantic import BaseModel
+
+from megatron_less.trainer import config as C
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """{field: its line's trailing comment} from the class source (tokenized: a '#' in a string
+    is not a comment)."""
+    out, line_field = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            out[line_field[tok.start[0]]] = tok.string.lstrip("# ").strip()
+    return out
+
+
+def _type(annotation) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+    return f"`{annotation.__name__ if isinstance(annotation, type) else annotation}`".replace("|", "\\|")
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    return f"`{field.default!r}`".replace("|", "\\|")
+
+
+def _rows(cls: type[BaseModel], prefix: str) -> list[str]:
+    notes = _comments(cls)
+    rows = []
+    for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            continue
+        meaning = (field.description or notes.get(name, "")).replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` | {_type(field.annotation)} | {_default(field)} | {meaning} |")
+    return rows
+
+
+def reference() -> str:
+    head = "| key | type | default | meaning |\n|---|---|---|---|"
+    parts = ["# Training config reference", "",
+             "Generated from `megatron_less/trainer/config.py` by `python -m megatron_less.trainer.config_doc`;"
+             " a test keeps this page equal to it. Set keys in the YAML file or on the command line"
+             " (`megatron-less train CONFIG.yaml optim.lr=1e-6 rollout.n=8`).", "",
+             "## top level", "", head, *_rows(C.Config, "")]  # fmt: skip
+    for name, field in C.Config.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            parts += ["", f"## {name}", "", head, *_rows(field.annotation, f"{name}.")]
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

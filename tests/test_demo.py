@@ -1,0 +1,122 @@
+"""The first hour: the embedded task, a short real `megatron-less demo` run (TP2 under torchrun),
+the curves it plots and the rollout page it writes, rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_less.demo import task
+from megatron_less.report import plot, run_files, viewer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_task_split_is_disjoint_complete_and_seeded():
+    train, heldout = task.split(seed=3)
+    assert len(heldout) == 100 and len(train) == 300
+    key = lambda r: (r["a"], r["b"])  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in heldout}
+    assert {key(r) for r in train + heldout} == {(a, b) for a in range(20) for b in range(20)}
+    assert task.split(seed=3) == (train, heldout) and task.split(seed=4)[1] != heldout
+    with pytest.raises(ValueError, match="heldout=400"):
+        task.split(seed=0, heldout=400)
+
+
+def test_the_taught_answer_is_what_the_real_reward_accepts():
+    from megatron_less.rewards.math import compute_score
+
+    row = task.problems()[17 * 20 + 5]
+    assert row["prompt"] == "What is 17 + 5?\nAnswer:" and task.target(row) == " 17 + 5 = 22. \\boxed{22}"
+    assert compute_score(task.target(row), row["answer"]).score == 1.0
+    assert compute_score(" 17 + 5 = 23. \\boxed{23}", row["answer"]).score == 0.0
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """A short demo: a 40-step warm-up, then 2 GRPO + LESS steps at TP2, evaluated before and after."""
+    out = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "-m", "megatron_less.cli", "demo", "--out", str(out), "--warmup-steps", "40",
+           "train.steps=2", "eval.every=2", "eval.limit=6", "eval.n=2", "batch.prompts_per_step=4",
+           "batch.mini_batch_prompts=4", "log.progress=false"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "train", proc.stdout
+
+
+def test_demo_trains_at_tp2_and_reports_before_and_after(demo_run):
+    run_dir, stdout = demo_run
+    rows = run_files.metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "parallel:\n  tp: 2" in stdout  # the resolved config the job printed
+    evals = run_files.evals(run_dir)
+    assert [e["step"] for e in evals] == [0, 2]
+    assert "held-out problems" in stdout and "avg@2" in stdout and "worst@2" in stdout
+    assert (run_dir / "plots" / "curves.png").stat().st_size > 10_000
+    assert list((run_dir / "viewer").glob("step_*.html"))
+
+
+def test_plot_and_view_commands(demo_run, tmp_path):
+    from megatron_less.cli import main
+
+    run_dir, _ = demo_run
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "c.png")]) == 0
+    import matplotlib.image
+
+    img = matplotlib.image.imread(tmp_path / "c.png")
+    assert img.shape[0] > 400 and img.std() > 0.05  # drawn, not a blank canvas
+    assert main(["view", str(run_dir), "--step", "1", "--out", str(tmp_path / "p.html")]) == 0
+    page = (tmp_path / "p.html").read_text()
+    logged = [r for r in run_files.read_jsonl(run_dir / "rollouts.jsonl") if r["step"] == 1]
+    assert page.count("class='resp ") == len(logged) > 0
+    assert page.count("class='t ") >= sum(len(r["tokens"]) for r in logged)
+    assert "<script" not in page and "http" not in page  # self-contained
+
+
+def test_plot_and_view_name_what_is_missing(tmp_path, capsys):
+    from megatron_less.cli import main
+
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert main(["view", str(tmp_path / "run")]) == 2
+    assert "rollouts.jsonl: not found" in capsys.readouterr().err
+    (tmp_path / "run" / "rollouts.jsonl").write_text(json.dumps({"step": 3, "group": 0, "tokens": []}) + "\n{torn")
+    assert main(["view", str(tmp_path / "run"), "--step", "5"]) == 2
+    assert "step 5: no rollouts logged" in capsys.readouterr().err
+
+
+def test_viewer_page_renders_in_headless_chromium(demo_run, tmp_path):
+    """A real browser draws the page: a screenshot that is not blank and whose legend band shows
+    the entropy ramp's orange, and the rendered DOM with the legend and every response."""
+    if CHROMIUM is None:
+        if os.environ.get("MLESS_REQUIRE_BROWSER") == "1":
+            pytest.fail("MLESS_REQUIRE_BROWSER=1 but chromium is not installed (apt-get install chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    run_dir, _ = demo_run
+    page = viewer.write_page(run_dir, 2, tmp_path / "page.html")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,800"]  # fmt: skip
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout  # fmt: skip
+    assert "id=\"legend\"" in dom and dom.count('class="resp ') == len(run_files.rollouts(run_dir, 2)[1])
+    import matplotlib.image
+
+    img = matplotlib.image.imread(shot)[..., :3]
+    assert img.shape[:2] == (800, 1200) and img.std() > 0.02, "blank screenshot"
+    top = img[:200]  # title, meta line and legend
+    orange = (top[..., 0] > 0.95) & (abs(top[..., 1] - 0.55) < 0.1) & (top[..., 2] < 0.1)
+    assert orange.sum() > 200, "the legend's entropy ramp is not on screen"
+
+
+def test_plot_smoothing_is_a_trailing_mean():
+    assert plot.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
