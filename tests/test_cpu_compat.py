@@ -45,7 +45,8 @@ def _train_step_without(tp, pp, names):
         ctx = mcore_compat.without(name) if name else contextlib.nullcontext()
         with ctx:
             try:
-                policy = build_policy(arch, tp=tp, pp=pp, optim=OptimConfig(clip_grad=1.0))
+                # local attention: the SDPA module builds no causal mask (the causal_mask patch's spot)
+                policy = build_policy(arch, tp=tp, pp=pp, optim=OptimConfig(clip_grad=1.0), attention="local")
                 if name is None and pp > 1:
                     out["tied_weight"] = policy.module.shared_embedding_or_output_weight().detach().clone()
                 toks = torch.randint(0, arch.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))

@@ -41,10 +41,11 @@ class Policy:
 
 
 def build_model_stage(arch: qwen2.Qwen2Arch, *, tp: int, pp: int, params_dtype: torch.dtype,
-                      hf_weights: Any = None, **config_overrides: Any):
-    """(TransformerConfig, this rank's GPTModel stage on the compute device)."""
+                      hf_weights: Any = None, attention: str = "auto", **config_overrides: Any):
+    """(TransformerConfig, this rank's GPTModel stage on the compute device). ``attention``: see
+    ``qwen2.layer_spec``; ``config_overrides``: TransformerConfig fields (e.g. recompute_*)."""
     config = qwen2.transformer_config(arch, tp=tp, pp=pp, params_dtype=params_dtype, **config_overrides)
-    module = qwen2.build_model(arch, config)
+    module = qwen2.build_model(arch, config, attention=attention)
     if hf_weights is not None:
         qwen2.load_hf_weights(module, hf_weights, arch)
     if torch.cuda.is_available():

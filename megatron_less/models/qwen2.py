@@ -139,7 +139,6 @@ def transformer_config(
     pp: int = 1,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
-    recompute: bool = False,
     **overrides: Any,
 ):
     from megatron.core.transformer import TransformerConfig
@@ -182,8 +181,6 @@ def transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=fused_kernels,
     )
-    if recompute:
-        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -194,16 +191,28 @@ def _have_te_or_apex() -> bool:
     return any(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "apex"))
 
 
-def layer_spec():
-    """TransformerEngine spec when TE is importable (NGC), else megatron-core's local modules."""
+ATTENTION = ("auto", "sdpa", "local")
+
+
+def layer_spec(attention: str = "auto"):
+    """The transformer layer spec. ``auto``: TransformerEngine's when TE is importable (NGC),
+    else megatron-core's local modules with SDPA core attention; ``sdpa``: local modules with
+    ``models.attention.SDPAttention``; ``local``: megatron-core's local spec as it is (its
+    unfused DotProductAttention). All share parameter names and shapes."""
+    import importlib.util
+
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    try:
-        import transformer_engine  # noqa: F401
-
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "auto" and importlib.util.find_spec("transformer_engine") is not None:
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    except ImportError:
-        return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention != "local":
+        from megatron_less.models.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(
@@ -212,18 +221,21 @@ def build_model(
     *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    attention: str = "auto",
 ):
-    """One pipeline stage of the model (pre/post-process default to this rank's stage)."""
+    """One pipeline stage of the model (pre/post-process default to this rank's stage): a
+    GPTModel that can also return its final hidden states (``models.gpt_model``)."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
+
+    from megatron_less.models.gpt_model import HiddenStatesGPTModel
 
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return GPTModel(
+    return HiddenStatesGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(attention),
         vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

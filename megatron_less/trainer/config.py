@@ -26,6 +26,32 @@ class ModelCfg(_Section):
     checkpoint: str | None = None  # or a megatron-less checkpoint (convert-hf output)
     tokenizer: str | None = None  # default: hf_dir
     dtype: Literal["fp32", "bf16"] = "fp32"
+    # speed and memory knobs; each description says what it trades
+    fused_lm_head: bool = Field(True, description=(
+        "LM head + log-prob/entropy in logits tiles, recomputed in backward (ops.lm_head): saves the "
+        "[tokens, vocab/TP] logits and their gradient (2 x 10 GB fp32 at 16k x 152k) for one extra "
+        "LM-head matmul in backward; false: materialise the logits"))
+    attention: Literal["auto", "sdpa", "local"] = Field("auto", description=(
+        "core attention: sdpa (torch scaled_dot_product_attention, no [heads, s, s] score matrix), "
+        "local (megatron's unfused DotProductAttention: stores scores and probabilities per layer), "
+        "auto (TransformerEngine when importable, else sdpa); same parameters either way"))
+    recompute_granularity: Literal["none", "selective", "full"] = Field("none", description=(
+        "activation recomputation: selective re-runs core attention in backward (small compute, frees "
+        "what attention keeps: much with attention local, little with sdpa); full keeps only each "
+        "recomputed layer's input and re-runs the layer (~1 extra forward, ~1/3 more step time)"))
+    recompute_method: Literal["uniform", "block"] = Field("uniform", description=(
+        "full recompute only: uniform checkpoints every group of recompute_num_layers layers; block "
+        "recomputes only the first recompute_num_layers layers of each stage (less compute, less saved)"))
+    recompute_num_layers: int = Field(1, ge=1, description="full recompute only: see recompute_method")
+
+    def megatron_overrides(self) -> dict[str, Any]:
+        """The recompute settings as megatron TransformerConfig fields."""
+        if self.recompute_granularity == "none":
+            return {}
+        if self.recompute_granularity == "selective":
+            return {"recompute_granularity": "selective"}
+        return {"recompute_granularity": "full", "recompute_method": self.recompute_method,
+                "recompute_num_layers": self.recompute_num_layers}
 
     @model_validator(mode="after")
     def _one_source(self):

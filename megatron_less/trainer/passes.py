@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_less.algos import get_policy_loss
 from megatron_less.models.schedule import run_schedule
-from megatron_less.ops import vocab_parallel_logprob_entropy
+from megatron_less.ops import lm_head_logprob_entropy, vocab_parallel_logprob_entropy
 from megatron_less.trainer.batch import MicroBatch, Sequence, to_response_layout
 
 
@@ -30,24 +30,35 @@ def _shape(mbs: list[MicroBatch]) -> dict:
     return {"seq_length": max(m.tokens.shape[1] for m in mbs), "micro_batch_size": max(m.tokens.shape[0] for m in mbs)}
 
 
-def _op(logits, mb: MicroBatch, temperature: float, vocab_size: int, *, with_entropy=True, entropy_grad=False):
+def _op(out, model, mb: MicroBatch, temperature: float, vocab_size: int, fused_lm_head: bool, *,
+        with_entropy=True, entropy_grad=False):
+    """Per-token log-probs (and entropies) of mb's targets from the last stage's output: final
+    hidden states through the fused LM head (the logits never exist whole), or logits."""
     from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_attr_wrapped_model
 
-    return vocab_parallel_logprob_entropy(
-        logits[:, :-1], mb.target.to(logits.device), tp_group=ps.get_tensor_model_parallel_group(),
-        temperature=temperature, vocab_size=vocab_size, with_entropy=with_entropy, entropy_grad=entropy_grad,
-    )  # fmt: skip
+    kw = dict(tp_group=ps.get_tensor_model_parallel_group(), temperature=temperature, vocab_size=vocab_size,
+              with_entropy=with_entropy, entropy_grad=entropy_grad)
+    target = mb.target.to(out.device)
+    if fused_lm_head:
+        weight = get_attr_wrapped_model(model, "output_weight")()
+        return lm_head_logprob_entropy(out[:, :-1], weight, target, **kw)
+    return vocab_parallel_logprob_entropy(out[:, :-1], target, **kw)
 
 
-def _forward(model, mb: MicroBatch, device):
+def _forward(model, mb: MicroBatch, device, fused_lm_head: bool):
+    """The stage's forward: on the last stage final hidden states (fused LM head) or logits."""
     tokens = mb.tokens.to(device)
     positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    if fused_lm_head:
+        return model(tokens, positions, None, hidden_states=True)
     return model(tokens, positions, None)
 
 
 @torch.no_grad()
 def logprobs_and_entropy(model_chunks, seqs: list[Sequence], mbs: list[MicroBatch], *, temperature: float,
-                         vocab_size: int, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         vocab_size: int, with_entropy: bool = True,
+                         fused_lm_head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (and entropies) of every response, [N, T_resp] float32 in response
     layout, on every rank of the model-parallel group (broadcast from the last stage as tensors)."""
     from megatron.core import parallel_state as ps
@@ -59,14 +70,14 @@ def logprobs_and_entropy(model_chunks, seqs: list[Sequence], mbs: list[MicroBatc
 
     def step(data_iter, model):
         mb = next(data_iter)
-        out = _forward(model, mb, device)
+        out = _forward(model, mb, device, fused_lm_head)
 
-        def collect(logits):  # called on the last stage right after this micro-batch's forward
-            l, h = _op(logits, mb, temperature, vocab_size, with_entropy=with_entropy)
+        def collect(o):  # called on the last stage right after this micro-batch's forward
+            l, h = _op(o, model, mb, temperature, vocab_size, fused_lm_head, with_entropy=with_entropy)
             to_response_layout(mb, l.float().cpu(), seqs, lp)
             if with_entropy:
                 to_response_layout(mb, h.float().cpu(), seqs, ent)
-            return logits.new_zeros(()), {}
+            return o.new_zeros(()), {}
 
         return out, collect
 
@@ -89,6 +100,7 @@ class LossSpec:
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
+    fused_lm_head: bool = True  # hidden states through ops.lm_head_logprob_entropy, no logits
 
 
 def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec) -> dict[str, float]:
@@ -102,12 +114,13 @@ def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec) -> dict[str, 
 
     def step(data_iter, model):
         mb = next(data_iter)
-        out = _forward(model, mb, device)
+        out = _forward(model, mb, device, spec.fused_lm_head)
 
-        def loss(logits):
+        def loss(o):
             # the current entropy is logged by every loss and selects forking tokens; it carries
             # a gradient only when the entropy bonus is on
-            lp, ent = _op(logits, mb, spec.temperature, spec.vocab_size, entropy_grad=spec.entropy_coef != 0)
+            lp, ent = _op(o, model, mb, spec.temperature, spec.vocab_size, spec.fused_lm_head,
+                          entropy_grad=spec.entropy_coef != 0)
             x = {k: v.to(device) for k, v in mb.extra.items()}
             mask = mb.loss_mask.to(device)
             # counts of 1: each term comes back as a sum; megatron divides by the global count

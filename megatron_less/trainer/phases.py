@@ -75,7 +75,8 @@ def microbatches(run, seqs, rows: list[int], per_token: dict) -> list[B.MicroBat
 def old_logprobs(run, seqs) -> dict[str, torch.Tensor]:
     """Per-token old log-probs and entropies (and reference log-probs with a KL term), no grad."""
     mbs = microbatches(run, seqs, list(range(len(seqs))), {})
-    kw = dict(temperature=run.cfg.rollout.temperature, vocab_size=run.arch.vocab_size)
+    kw = dict(temperature=run.cfg.rollout.temperature, vocab_size=run.arch.vocab_size,
+              fused_lm_head=run.cfg.model.fused_lm_head)
     lp, ent = logprobs_and_entropy(run.policy.model, seqs, mbs, **kw)
     out = {"old_logprobs": lp, "entropy": ent}
     if run.ref_model is not None:
@@ -104,7 +105,8 @@ def update(run, seqs, minibatches: list[list[int]], per_token: dict) -> dict:
     """Mini-batch optimizer steps (collective). Returns summed metrics of the whole update."""
     c = run.cfg
     spec = LossSpec(c.algo.policy_loss, dict(c.algo.loss_kwargs), c.algo.loss_agg_mode, c.rollout.temperature,
-                    run.arch.vocab_size, c.rollout.max_tokens, c.algo.kl_coef, c.algo.kl_type, c.algo.entropy_coef)
+                    run.arch.vocab_size, c.rollout.max_tokens, c.algo.kl_coef, c.algo.kl_type, c.algo.entropy_coef,
+                    c.model.fused_lm_head)
     keep = {k: per_token[k] for k in ("old_logprobs", "advantages", "ref_logprobs") if k in per_token}
     hooks = faults.corrupt_update(run.policy.model, run.step + 1, keep)  # MLESS_FAULT only
     totals: dict[str, float] = {}

@@ -142,7 +142,10 @@ def build_run(cfg: Config) -> Run:
     layout = dict(calculate_per_token_loss=True)
     if pp > 1:
         layout.update(variable_seq_lengths=True, batch_p2p_comm=False, moe_token_dispatcher_type="alltoall")
-    policy = build_policy(arch, tp=tp, pp=pp, params_dtype=dtype, optim=optim, hf_weights=hf, **layout)
+    layout.update(attention=cfg.model.attention)
+    # recomputation only matters where there is a backward: the policy, not the frozen reference
+    policy = build_policy(arch, tp=tp, pp=pp, params_dtype=dtype, optim=optim, hf_weights=hf, **layout,
+                          **cfg.model.megatron_overrides())
     if hf is None:
         _load_start_checkpoint(cfg, policy.module, arch)
         policy.optimizer.reload_model_params()  # the fp32 master copy was taken before the load
