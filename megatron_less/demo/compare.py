@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seeds = [int(s) for s in args.seeds.split(",") if s]
     out = Path(args.out)
-    layout = [] if args.nproc > 1 else ["parallel.tp=1"]
+    layout = [] if args.nproc > 1 else ["parallel.tp=1", "rollout.rollout_tp=1"]
     results: dict = {m: {} for m in methods}
     curves: dict = {m: {} for m in methods}
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 from megatron_less.demo import model, task
 
 CONFIG = Path(__file__).with_name("demo.yaml")
-WARMUP_STEPS = 400  # ~50% held-out accuracy at temperature 1: groups with mixed outcomes
+WARMUP_STEPS = 300  # ~1/3 held-out accuracy at temperature 1, pass@8 ~0.9: groups with mixed outcomes
 
 
 def prepare(out: Path, seed: int, warmup_steps: int = WARMUP_STEPS) -> tuple[Path, Path, Path]:
@@ -55,7 +55,9 @@ def run_training(run_dir: Path, files: tuple[Path, Path, Path], seed: int, nproc
              f"output_dir={run_dir}", f"seed={seed + 1}"]  # fmt: skip
     cmd = train_command(config, nproc, paths + list(overrides))
     print("[demo] " + " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # one thread per process on a small machine; vLLM's start-up chatter kept to its warnings
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"))
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL if quiet else None)
     return run_dir
 

@@ -14,7 +14,7 @@ from megatron_less.report import run_files
 
 # class code -> (css class, legend text); tokens of a run without LESS have no class
 CLASSES = {
-    HIGH: ("high", "high-entropy: untouched (weight 1)"),
+    HIGH: ("high", "untouched, weight 1 (high-entropy, or a group all right or all wrong)"),
     DEFAULT: ("default", "low-entropy, in no shared segment (default weight)"),
     CORRECT_ONLY: ("corr", "segment seen only in correct responses (amplified)"),
     INCORRECT_ONLY: ("inc", "segment seen only in incorrect responses (suppressed)"),
@@ -34,7 +34,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 6px} .meta{col
 .head{font-family:system-ui,sans-serif;font-size:12px;border-bottom:1px solid #ddd;margin-bottom:4px}
 .t{white-space:pre-wrap;padding:1px 0;border-bottom:3px solid transparent}
 .t.corr{border-bottom-color:#2e9e44} .t.inc{border-bottom-color:#d33c3c}
-.t.shared{border-bottom:3px dotted #777;color:#666} .t.high{outline:1px solid #e08a00}
+.t.shared{border-bottom:3px dotted #777;color:#666}
 .t.default{border-bottom-color:#ddd}
 .prompt{white-space:pre-wrap;font-family:ui-monospace,monospace;background:#f5f5f5;padding:6px;border-radius:4px}
 """
@@ -53,9 +53,10 @@ def _token_text(tok: str) -> str:
 def _response(r: dict, h_max: float) -> str:
     ok = r.get("correct")
     adv = r.get("advantage") or []
-    head = (f"<div class='head'><b>{'correct' if ok else 'incorrect'}</b> · reward {r.get('reward', 0):.2f}"
-            f" · {len(r.get('tokens', []))} tokens · {html.escape(str(r.get('finish_reason', '')))}"
-            f" · max |adv| {max((abs(a) for a in adv), default=0):.3f}</div>")  # fmt: skip
+    big = max(adv, key=abs, default=0.0)
+    head = (f"<div class='head'><b>{'correct' if ok else 'wrong'}</b> · reward {r.get('reward', 0):g} · "
+            f"{len(r.get('tokens', []))} tok{'' if r.get('finish_reason') != 'length' else ' (cut)'} · "
+            f"adv {big:+.2f}</div>")  # fmt: skip
     spans = []
     classes = r.get("less_class") or [None] * len(r.get("tokens", []))
     for i, tok in enumerate(r.get("tokens", [])):
