@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
 out=${OUT:-/tmp/gpu-out}; mkdir -p "$out"
 scripts=("$@")
-[ ${#scripts[@]} -gt 0 ] || scripts=(tests/gpu/vocab_parallel_gpu.py tests/gpu/megatron_gpu.py tests/gpu/train_gpu.py)
+[ ${#scripts[@]} -gt 0 ] || scripts=(tests/gpu/vocab_parallel_gpu.py tests/gpu/megatron_gpu.py tests/gpu/train_gpu.py tests/gpu/step_speed_gpu.py)
 for script in "${scripts[@]}"; do
   echo "=== $script"
   timeout 300 python3 "$script" 2>&1 | grep -v -i "warn" | tee "$out/$(basename "$script" .py).log"
