@@ -40,10 +40,10 @@ from megatron_less.ops.vocab_parallel import (
     shard_stats,
 )
 
-# Bytes of one [tile, V/TP] float32 logits tile. CPU: a few tiles' worth of matmul keeps the
-# cores busy and stays far below a [T, V] buffer. CUDA: big enough that a tile's matmul fills
-# the GPU (~400 tokens at 152k), small next to 16k x 152k logits (10 GB in fp32).
-_TILE_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+# Bytes of one [tile, V/TP] float32 logits tile. CPU: ~200 tokens at 152k, where the per-tile
+# matmuls run near the speed of one big one; far below a [T, V] buffer. CUDA: big enough that a
+# tile's matmul fills the GPU (~400 tokens at 152k), small next to 16k x 152k fp32 logits (10 GB).
+_TILE_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
 
 _MM_F32: dict = {}
 
@@ -53,11 +53,22 @@ def default_tile_tokens(vocab_per_rank: int, device: torch.device) -> int:
     return max(1, budget // (4 * vocab_per_rank))
 
 
-def _mm_f32(a, b):
-    """a @ b with a float32 result. bf16/fp16: cuBLAS's out_dtype variant where torch has it
-    (accumulates and returns fp32: nothing rounded to bf16); else one rounding per entry."""
+def _mm_into(dst, a, b, accumulate):
+    """dst (float32) = or += a @ b; fp32 inputs write straight into dst (no temporary)."""
     if a.dtype == torch.float32:
-        return a @ b
+        if accumulate:
+            dst.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=dst)
+    elif accumulate:
+        dst += _mm_f32(a, b)
+    else:
+        dst.copy_(_mm_f32(a, b))
+
+
+def _mm_f32(a, b):
+    """a @ b with a float32 result for bf16/fp16: cuBLAS's out_dtype variant where torch has it
+    (accumulates and returns fp32: nothing rounded to bf16); else one rounding per entry."""
     key = a.device.type
     if _MM_F32.get(key, True):
         try:
@@ -111,9 +122,9 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
                             ctx.temperature, ctx.inner, ctx.fused)
             del x
             if want_h:
-                d_h[rows] = _mm_f32(g, weight)
+                _mm_into(d_h[rows], g, weight, accumulate=False)
             if want_w:
-                d_w += _mm_f32(g.t(), h)
+                _mm_into(d_w, g.t(), h, accumulate=True)
             del g
         if want_h and _group_info(ctx.group)[0] > 1:
             dist.all_reduce(d_h, group=ctx.group)  # every vocabulary shard's part of dL/dh
@@ -140,7 +151,7 @@ def lm_head_logprob_entropy(
     ``hidden`` [..., H]: final hidden states, the same on every rank of ``tp_group``.
     ``weight`` [V/TP, H]: this rank's rows of the output layer (or the tied embedding); rank r
     holds ids [r*V/TP, (r+1)*V/TP). ``target`` [...] holds global ids. ``tile_tokens``: tokens
-    per logits tile (default: a 32 MiB fp32 tile on CPU, 256 MiB on CUDA). The other arguments
+    per logits tile (default: a 128 MiB fp32 tile on CPU, 256 MiB on CUDA). The other arguments
     are those of ``vocab_parallel_logprob_entropy``. Gradients: hidden (all-reduced over
     ``tp_group``) and weight (this rank's rows), in their dtypes, accumulated in float32.
     """
