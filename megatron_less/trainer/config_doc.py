@@ -18,15 +18,29 @@ from megatron_less.trainer import config as C
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """{field: its line's trailing comment} from the class source (tokenized: a '#' in a string
-    is not a comment)."""
-    out, line_field = {}, {}
+    """{field: its comments} from the class source: comment lines right above the field and
+    comments on its statement's lines (tokenized, so a '#' inside a string is not a comment)."""
+    out: dict[str, list[str]] = {}
+    current, above, at_start = None, [], True
     for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
-            line_field[tok.start[0]] = tok.string
-        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
-            out[line_field[tok.start[0]]] = tok.string.lstrip("# ").strip()
-    return out
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("# ").strip()
+            if current is not None:
+                out[current].append(text)
+            elif at_start:
+                above.append(text)
+        elif tok.type == tokenize.NAME and at_start:
+            current = tok.string if tok.start[1] == 4 else None
+            if current is not None:
+                out[current] = above
+            above = []
+        elif tok.type == tokenize.NL and at_start and tok.line.strip() == "":
+            above = []  # a blank line ends a comment block
+        if tok.type == tokenize.NEWLINE:
+            current = None
+        at_start = tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT) or (
+            at_start and tok.type == tokenize.COMMENT)
+    return {k: " ".join(v) for k, v in out.items() if v}
 
 
 def _type(annotation) -> str:
