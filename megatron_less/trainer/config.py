@@ -25,6 +25,7 @@ class ModelCfg(_Section):
     hf_dir: str | None = None  # an HF Qwen2/Qwen2.5 folder to start from
     checkpoint: str | None = None  # or a megatron-less checkpoint (convert-hf output)
     tokenizer: str | None = None  # default: hf_dir
+    # bf16 needs a GPU (megatron's mixed-precision optimizer keeps fp32 master weights)
     dtype: Literal["fp32", "bf16"] = "fp32"
     # speed and memory knobs; each description says what it trades
     fused_lm_head: bool = Field(True, description=(
@@ -63,27 +64,31 @@ class ModelCfg(_Section):
 
 
 class ParallelCfg(_Section):
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1)  # tensor-parallel size (divides heads, KV heads and the FFN width)
+    pp: int = Field(1, ge=1)  # pipeline stages (divides the layers); data-parallel size = world / (tp x pp)
 
 
 class DataCfg(_Section):
     train_file: str  # JSON Lines with prompt / answer (megatron-less prepare-data writes it)
     template: Literal["none", "qwen_math", "plain"] = "none"  # applied to rows written with "none"
     max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts are skipped and counted
+    # false: a bad row stops the run naming file and line; true: skipped and counted
     skip_bad_rows: bool = False
-    shuffle: bool = True
+    shuffle: bool = True  # a seeded permutation per epoch (resumable); false: file order
 
 
 class RolloutCfg(_Section):
     engine: Literal["auto", "vllm", "builtin"] = "auto"  # auto: vLLM when installed
     n: int = Field(8, ge=1)  # responses per prompt
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1)
+    temperature: float = Field(1.0, gt=0)  # sampling temperature; log-probs and entropies are taken at it too
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling (1: off)
+    top_k: int = Field(-1, ge=-1)  # -1: off
+    # response length cap; longer responses are cut (finish_reason length)
     max_tokens: int = Field(3072, ge=1)
-    rollout_tp: int = Field(1, ge=1)
+    rollout_tp: int = Field(1, ge=1)  # vLLM tensor-parallel size (divides the world size)
+    # vLLM KV cache size; None: vLLM's own sizing from gpu_memory_utilization
     kv_cache_gib: float | None = Field(None, gt=0)
+    # vLLM's share of GPU memory (its start-up checks free memory)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
 
 
@@ -91,22 +96,25 @@ class BatchCfg(_Section):
     prompts_per_step: int = Field(512, ge=1)  # one rollout batch
     mini_batch_prompts: int = Field(32, ge=1)  # prompts per optimizer step
     micro_batch_tokens: int = Field(16384, ge=1)  # token budget of one micro-batch (padded)
-    ppo_epochs: int = Field(1, ge=1)
+    ppo_epochs: int = Field(1, ge=1)  # passes over each rollout batch (1: on-policy)
 
 
 class AlgoCfg(_Section):
-    advantage: str = "grpo"
-    advantage_kwargs: dict[str, Any] = {}
-    shaper: str = "less"
+    advantage: str = "grpo"  # advantage estimator (registry: grpo, dr_grpo, rloo)
+    advantage_kwargs: dict[str, Any] = {}  # its keyword arguments (e.g. eps)
+    shaper: str = "less"  # advantage shaper: less (Low-Entropy Segment Shaping) or none
+    # LESS: mu (min segment length), quantile (entropy threshold per response)
     shaper_kwargs: dict[str, Any] = {"mu": 5, "quantile": 0.8}
-    policy_loss: str = "ppo_clip"
-    loss_kwargs: dict[str, Any] = {}
+    policy_loss: str = "ppo_clip"  # ppo_clip, forking_tokens, clip_cov, kl_cov (registry)
+    loss_kwargs: dict[str, Any] = {}  # its keyword arguments (ppo_clip: clip_low, clip_high, dual_clip_c)
+    # how token losses are averaged (token-mean: over the whole optimizer step's tokens)
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
         "token-mean"
     )
+    # KL penalty to the frozen reference model (0: no reference model is built)
     kl_coef: float = Field(0.0, ge=0)
-    kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
-    entropy_coef: float = 0.0
+    kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"  # KL estimator
+    entropy_coef: float = 0.0  # entropy bonus coefficient (0: none)
 
     @model_validator(mode="after")
     def _registered(self):
@@ -120,21 +128,23 @@ class AlgoCfg(_Section):
 
 
 class OptimCfg(_Section):
-    lr: float = Field(1e-6, gt=0)
-    min_lr: float = Field(0.0, ge=0)
+    lr: float = Field(1e-6, gt=0)  # peak learning rate (Adam)
+    min_lr: float = Field(0.0, ge=0)  # the schedule's floor (cosine, linear)
+    # after warm-up: constant, cosine or linear decay to min_lr over train.steps
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)  # optimizer steps of linear warm-up
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
-    clip_grad: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)  # decoupled (AdamW)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)  # Adam beta1
+    adam_beta2: float = Field(0.999, ge=0, lt=1)  # Adam beta2
+    adam_eps: float = Field(1e-8, gt=0)  # Adam epsilon
+    clip_grad: float = Field(1.0, ge=0)  # global gradient-norm clip (0: off)
+    # shard optimizer state over data-parallel ranks (needs apex or TE)
     use_distributed_optimizer: bool = False
 
 
 class RewardCfg(_Section):
     timeout_s: float = Field(5.0, gt=0)  # CPU seconds per response; a timeout scores 0
-    workers: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1)  # reward processes per rank (None: one per core, at most 8)
 
 
 class TrainCfg(_Section):
@@ -147,31 +157,32 @@ class TrainCfg(_Section):
 class EvalCfg(_Section):
     every: int = Field(0, ge=0)  # 0: never during training; else every k steps and at the last step
     before_train: bool = False  # also evaluate the starting policy (logged as step 0): the run's own baseline
-    benchmarks: list[str] = ["math500"]
-    n: int = Field(4, ge=1)
-    temperature: float = Field(0.1, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(1024, ge=1)
+    benchmarks: list[str] = ["math500"]  # registry names (math500, aime24, ...), local files or hub ids
+    n: int = Field(4, ge=1)  # samples per problem (avg@n, pass@k, worst@k, maj@n)
+    temperature: float = Field(0.1, ge=0)  # sampling temperature of evaluation
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling of evaluation
+    max_tokens: int = Field(1024, ge=1)  # response length cap of evaluation
     limit: int | None = Field(None, ge=1)  # problems per benchmark
+    # prompt template (none: the file's prompts as they are)
     template: Literal["none", "qwen_math", "plain"] = "qwen_math"
 
 
 class CheckpointCfg(_Section):
     every: int = Field(0, ge=0)  # 0: only at the end
-    keep: int = Field(3, ge=1)
+    keep: int = Field(3, ge=1)  # newest complete checkpoints kept
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir), none, or a folder
     export_hf: bool = False  # write an HF folder at the end (output_dir/hf)
 
 
 class LogCfg(_Section):
-    tensorboard: bool = True
+    tensorboard: bool = True  # scalars to output_dir/tensorboard (metrics.jsonl is always written)
     rollouts_per_step: int = Field(4, ge=0)  # responses saved to rollouts.jsonl each step
-    progress: bool = True
+    progress: bool = True  # a tqdm progress bar on rank 0
 
 
 class Config(_Section):
-    seed: int = 1
-    output_dir: str = "runs/default"
+    seed: int = 1  # seeds the prompt order, sampling, reward pool and model init: one seed, one run
+    output_dir: str = "runs/default"  # logs, checkpoints, eval reports (created; resume: auto looks here)
     model: ModelCfg
     parallel: ParallelCfg = ParallelCfg()
     data: DataCfg
