@@ -118,6 +118,14 @@ def load_dataset_problems(
         ) from e
 
 
+def display_names(sources) -> dict[str, str]:
+    """{source: the name reports use}: registry names and hub ids as given, a local file by its
+    stem ("heldout" for runs/demo/data/heldout.jsonl) unless two files share a stem."""
+    names = {s: Path(s).stem if s not in DATASETS and s not in _ALIASES and Path(s).suffix else s for s in sources}
+    clash = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {s: (s if n in clash else n) for s, n in names.items()}
+
+
 def load_benchmark(
     name: str, data_dir: str | Path | None = None, skip_bad: bool = False
 ) -> list[Problem]:

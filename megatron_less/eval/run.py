@@ -103,10 +103,10 @@ def evaluate(
 ) -> dict | None:
     """Generate n responses per problem for each benchmark, then score them (one generate call
     over all prompts, so an engine can batch across benchmarks)."""
-    from megatron_less.data.benchmarks import load_benchmark
+    from megatron_less.data.benchmarks import display_names, load_benchmark
     from megatron_less.data.prompts import apply_template
 
-    problems = {b: load_benchmark(b, data_dir)[:limit] for b in benchmarks}
+    problems = {name: load_benchmark(b, data_dir)[:limit] for b, name in display_names(benchmarks).items()}
     prompts = [
         apply_template(template, p.problem, tokenizer) for ps in problems.values() for p in ps
     ]

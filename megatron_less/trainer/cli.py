@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rank0:
         print("resolved config:\n" + dump(cfg), flush=True)
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():  # megatron's advice about CUDA streams, at every layer: not for CPUs
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     from megatron_less.parallel import runtime
     from megatron_less.trainer.loop import train
 
