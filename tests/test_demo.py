@@ -121,3 +121,24 @@ def test_viewer_page_renders_in_headless_chromium(demo_run, tmp_path):
 
 def test_plot_smoothing_is_a_trailing_mean():
     assert plot.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_compare_table_means_stds_and_changes_over_seeds():
+    from megatron_less.demo.compare import table
+
+    results = {"grpo": {0: {"avg@8": 0.5, "avg@8 start": 0.3}, 1: {"avg@8": 0.7, "avg@8 start": 0.4}},
+               "less": {0: {"avg@8": 0.6, "avg@8 start": 0.3}}}  # fmt: skip
+    lines = table(results).splitlines()
+    assert lines[0].split() == ["method", "avg@8", "mean", "std", "change", "seeds"]
+    assert lines[1].split() == ["grpo", "0.600", "0.141", "+0.250", "2"]
+    assert lines[2].split() == ["less", "0.600", "0.000", "+0.300", "1"]
+
+
+@pytest.mark.slow
+def test_compare_runs_methods_over_a_seed(tmp_path):
+    cmd = [sys.executable, "-m", "megatron_less.cli", "compare", "--out", str(tmp_path), "--seeds", "0",
+           "--methods", "grpo,less", "--warmup-steps", "40", "train.steps=2", "eval.every=2", "eval.limit=4", "eval.n=2",
+           "batch.prompts_per_step=4", "batch.mini_batch_prompts=4"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "grpo" in (tmp_path / "compare.txt").read_text() and (tmp_path / "compare.png").stat().st_size > 5000

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--warmup-steps", type=int, default=demo.WARMUP_STEPS)
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (1: tp 1, the cheapest on 2 cores)")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every run (see megatron-less train)")
     args = ap.parse_args(argv)
@@ -100,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seeds = [int(s) for s in args.seeds.split(",") if s]
     out = Path(args.out)
-    layout = [] if args.nproc > 1 else ["parallel.tp=1", "rollout.rollout_tp=1"]
+    layout = ["log.progress=false"] + ([] if args.nproc > 1 else ["parallel.tp=1", "rollout.rollout_tp=1"])
     results: dict = {m: {} for m in methods}
     curves: dict = {m: {} for m in methods}
     t0 = time.perf_counter()
     for seed in seeds:
         for method in methods:
             try:
-                files = demo.prepare(out / f"seed{seed}", seed)  # the seed's model, shared by its methods
+                files = demo.prepare(out / f"seed{seed}", seed, args.warmup_steps)  # shared by the seed's methods
                 run_dir = demo.run_training(out / f"seed{seed}" / method, files, seed, args.nproc,
                                             layout + METHODS[method] + args.overrides, quiet=True)  # fmt: skip
             except subprocess.CalledProcessError as e:

@@ -36,7 +36,9 @@ def prepare(out: Path, seed: int, warmup_steps: int = WARMUP_STEPS) -> tuple[Pat
         print(f"[demo] building the tiny model: {warmup_steps} supervised warm-up steps on {len(train_rows)} "
               "training problems", flush=True)  # fmt: skip
         model.build_model(model_dir, train_rows, task.target, steps=warmup_steps, seed=seed)
-    print(f"[demo] model {model_dir} (warm-up: {json.loads(info.read_text())})", flush=True)
+    w = json.loads(info.read_text())
+    print(f"[demo] model {model_dir}: {w['warmup_steps']} warm-up steps, final loss {w['final_loss']:.3f}, "
+          f"built in {w['seconds']:.0f} s", flush=True)  # fmt: skip
     return model_dir, train_file, heldout_file
 
 
