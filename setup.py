@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_less", "megatron_less.*"]),
+    package_data={"megatron_less.demo": ["*.yaml"]},  # the demo's training config
     install_requires=[
         "torch>=2.6",
         MCORE,

@@ -69,6 +69,7 @@ def venv(tmp_path_factory):
 def test_wheel_holds_exactly_the_package_sources(venv):
     with zipfile.ZipFile(venv["wheel"]) as z:
         shipped = {n for n in z.namelist() if n.endswith(".py")}
+        assert "megatron_less/demo/demo.yaml" in z.namelist()  # package data: `megatron-less demo` reads it
     sources = {str(p.relative_to(venv["src"])) for p in (venv["src"] / "megatron_less").rglob("*.py")}
     assert shipped == sources  # no tools/ or tests/, no stale modules, no subpackage left out
 
