@@ -18,6 +18,10 @@ from pathlib import Path
 
 from megatron_less.demo import run as demo
 
+# Two optimizer steps per rollout batch (the LESS recipe takes 16): with one, every update is
+# on-policy (ratio 1), clipping never acts and KL-Cov's |log ratio| penalty has zero gradient, so
+# KL-Cov would be GRPO exactly. Half the demo's learning rate keeps the total step the same.
+REGIME = ["batch.mini_batch_prompts=16", "optim.lr=1e-4"]
 METHODS: dict[str, list[str]] = {
     "grpo": ["algo.shaper=none"],
     "less": ["algo.shaper=less"],
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 files = demo.prepare(out / f"seed{seed}", seed, args.warmup_steps)  # shared by the seed's methods
                 run_dir = demo.run_training(out / f"seed{seed}" / method, files, seed, args.nproc,
-                                            layout + METHODS[method] + args.overrides, quiet=True)  # fmt: skip
+                                            layout + REGIME + METHODS[method] + args.overrides,
+                                            quiet=True)  # fmt: skip
             except subprocess.CalledProcessError as e:
                 print(f"error: {method} seed {seed}: training exited with {e.returncode}", file=sys.stderr)
                 return 1
