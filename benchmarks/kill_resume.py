@@ -225,8 +225,8 @@ def trials(n: int, steps: int, every: int, nproc: int, work: Path, seed: int = 0
             rc = wait(proc, 900)
             if rc == 0:
                 raise RuntimeError(f"trial {i + 1}: MLESS_FAULT={fault} did not kill the job")
-        else:  # a random moment: anywhere from start-up through a few steps past the checkpoint
-            delay = rng.uniform(0.5 * first_row, first_row + 3 * every * per_step)
+        else:  # a random moment: anywhere from half-way through start-up to the expected end
+            delay = rng.uniform(0.5 * first_row, first_row + (steps - resume) * per_step)
             what = f"random, {delay:.1f} s after launch"
             proc = launch(args, nproc, work / f"trial{i + 1}.log")
             try:

@@ -111,19 +111,22 @@ def _job(tiny, root):
     finally:
         os.environ.pop("MLESS_FAULT")
 
-    # a save that fails on rank 1 as on a full disk: every rank raises, nothing is published
-    os.environ["MLESS_FAULT"] = "disk_full:2:1"
-    try:
-        train(cfg("disk", "checkpoint.every=1", "checkpoint.keep=4"))
-        res["disk_error"] = None
-    except CheckpointError as e:
-        res["disk_error"] = str(e)
-    finally:
-        os.environ.pop("MLESS_FAULT")
-    dist.barrier()
-    res["disk_after_error"] = _ckpts(root / "disk") if dist.get_rank() == 0 else None
-    dist.barrier()
-    run = train(cfg("disk", "checkpoint.every=1", "checkpoint.keep=4"))  # resume: auto, from step 1
+    # saves that fail as on a full disk, on rank 0 at step 2 (in megatron's shard writer), then,
+    # resumed, on rank 1 at step 3 (its RNG file): every rank raises, nothing is published
+    res["disk_error"], res["disk_after_error"] = [], []
+    for fault in ("disk_full:2:0", "disk_full:3:1"):
+        os.environ["MLESS_FAULT"] = fault
+        try:
+            train(cfg("disk", "checkpoint.every=1", "checkpoint.keep=4"))
+            res["disk_error"].append(None)
+        except CheckpointError as e:
+            res["disk_error"].append(str(e))
+        finally:
+            os.environ.pop("MLESS_FAULT")
+        dist.barrier()
+        res["disk_after_error"].append(_ckpts(root / "disk"))
+        dist.barrier()
+    run = train(cfg("disk", "checkpoint.every=1", "checkpoint.keep=4"))  # resume: auto, from step 2
 
     # a NaN weight on rank 1: the save is refused on both ranks, before anything is written
     from megatron_less.checkpoints import train_state
@@ -200,9 +203,13 @@ def test_nan_loss_and_nan_grad_skip_their_step(job):
 
 def test_full_disk_at_save_loses_nothing(job):
     root, res = job
-    err = res["disk_error"]
-    assert err is not None and "step_000002" in err and "rank 1" in err and "No space left on device" in err
-    assert res["disk_after_error"] == ["step_000001"]  # no step_2, no .partial, step 1 intact
+    first, second = res["disk_error"]
+    assert first is not None and "step_000002 was not saved (rank 0: CheckpointException" in first
+    assert "No space left on device" in first and "rank 1: CheckpointException" in first  # raised on both
+    assert second is not None and "step_000003 was not saved (rank 1: OSError" in second
+    assert "No space left on device" in second and "rank 0" not in second
+    # no step_2 / step_3, no .partial, the earlier ones intact
+    assert res["disk_after_error"] == [["step_000001"], ["step_000001", "step_000002"]]
     assert _ckpts(root / "disk") == ["step_000001", "step_000002", "step_000003", "step_000004"]
     full = _rows(root / "full")
     for a, b in zip(full, _rows(root / "disk")):
@@ -213,7 +220,7 @@ def test_full_disk_at_save_loses_nothing(job):
 def test_save_refuses_non_finite_state(job):
     """The last line of defence: a checkpoint of a NaN weight (on rank 1 only) is refused on
     every rank before anything is written, naming the rank and the tensor."""
-    root, res = job
+    _, res = job
     assert "refusing to save step 7" in res["nan_save_error"] and "rank 1: weight" in res["nan_save_error"]
     assert res["nan_save_left"] == [f"step_{s:06d}" for s in (1, 2, 3, 4)]  # no step_7, no .partial
 

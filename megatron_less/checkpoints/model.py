@@ -124,6 +124,7 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
     called on every rank before the folder is published, for its own files."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     check_same_arch(arch, Qwen2Arch.from_hf(hf_config), "hf_config")
     out = os.path.abspath(out)
@@ -132,12 +133,15 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
     dtype = next(model.parameters()).dtype
     failure = None
     try:
-        with mcore_compat.sync_save():  # no Manager process for a save made in this process
+        with mcore_compat.sync_save() as deferred:  # no Manager process; rank 0's own writes' errors
             dist_checkpointing.save({**model.sharded_state_dict(), **(extra_sharded or {})}, tmp)
+        if deferred:
+            raise deferred[0]
         if on_disk is not None:
             on_disk(tmp)
-    except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
-        failure = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below, raised on every rank
+        lines = str(e).strip().splitlines() or [""]  # torch's CheckpointException: tracebacks, cause last
+        failure = f"rank {dist.get_rank()}: {type(e).__name__}: {lines[-1]}"
     # every rank's files are on disk (or some rank failed) before the folder is published; all
     # ranks learn of any rank's failure, so none waits for a publish that will not come
     failures = [None] * dist.get_world_size()

@@ -25,8 +25,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 KILL_POINTS = ("rollout", "update", "save")
 POINTS = (*KILL_POINTS, "rank_dies", "nan_loss", "nan_grad", "disk_full")
@@ -92,11 +92,13 @@ def corrupt_update(model_chunks, step: int, per_token: dict) -> list:
 @contextmanager
 def full_disk(step: int) -> Iterator[None]:
     """``disk_full``: for the block, every file this rank opens for writing (megatron's shard
-    writer, torch.save, JSON) fails as on a full disk. Reads work."""
+    writer and its forked workers, torch.save, JSON) fails as on a full disk. Reads work."""
     if not _fires("disk_full", step):
         yield
         return
     import builtins
+
+    import torch
 
     real = builtins.open
 
@@ -105,11 +107,16 @@ def full_disk(step: int) -> Iterator[None]:
             raise OSError(errno.ENOSPC, "No space left on device (injected by MLESS_FAULT)", str(file))
         return real(file, mode, *args, **kwargs)
 
-    builtins.open = refuse
+    def refuse_save(obj, f, *args, **kwargs):  # torch.save to a path writes from C++, not through open
+        if isinstance(f, (str, os.PathLike)):
+            raise OSError(errno.ENOSPC, "No space left on device (injected by MLESS_FAULT)", str(f))
+        return real_save(obj, f, *args, **kwargs)  # into memory (megatron serialises objects so)
+
+    real_save, builtins.open, torch.save = torch.save, refuse, refuse_save
     try:
         yield
     finally:
-        builtins.open = real
+        builtins.open, torch.save = real, real_save
 
 
-__all__ = ["POINTS", "KILL_POINTS", "planned", "kill_point", "kill_job", "corrupt_update", "full_disk"]
+__all__ = ["KILL_POINTS", "POINTS", "corrupt_update", "full_disk", "kill_job", "kill_point", "planned"]

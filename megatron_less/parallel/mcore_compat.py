@@ -10,15 +10,19 @@ torch factory functions process-wide silently corrupted HF ``from_pretrained``).
 are applied only when CUDA is unavailable.
 
 All platforms (``sync_save``): a synchronous torch_dist save made without a multiprocessing
-Manager process; scoped to the ``with`` block.
+Manager process, in which rank 0's own writes (common.pt, metadata.json) defer their errors
+until the collective part is over (else a full disk on rank 0 hangs the other ranks); scoped to
+the ``with`` block.
 
 Each patch has a test in ``tests/test_cpu_compat.py`` that removes it and shows what breaks (or
-what it costs), so a megatron-core upgrade that makes a patch unnecessary is noticed.
+what it costs), so a megatron-core upgrade that makes a patch unnecessary is noticed; the
+deferred errors are shown by tests/test_reliability.py's full disk on rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import queue
 from dataclasses import dataclass, field
@@ -302,21 +306,47 @@ def without(name: str) -> Iterator[None]:
 # --- all platforms ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def sync_save() -> Iterator[None]:
+def sync_save() -> Iterator[list]:
     """Around a synchronous ``dist_checkpointing.save``: the torch_dist writer hands its results
     back through a queue from ``filesystem_async._get_write_results_queue``, always a
     ``multiprocessing`` Manager queue (made for async saves, whose writer is another process).
     Starting that Manager spawns a server process, which costs seconds per rank and re-imports
     the caller's ``__main__`` (every entry point would need a ``__main__`` guard). A synchronous
     save writes and collects in this process, so a plain ``queue.Queue`` serves; the function is
-    swapped only for the block and restored after."""
+    swapped only for the block and restored after.
+
+    Second, rank 0 writes two files outside the collective part of the save (``common.pt``
+    before it, ``metadata.json`` before a barrier after it). An error there (a full disk) would
+    leave rank 0 outside the collectives the other ranks wait in: a hang. Within the block those
+    two writes defer their error instead: it is appended to the yielded list, the save goes on
+    in step on every rank, and the caller raises it on every rank afterwards
+    (checkpoints.model.save_checkpoint). tests/test_reliability.py's full-disk case on rank 0
+    hangs without this."""
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies import common
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    deferred: list = []
+
+    def deferring(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - handed to the caller, raised on every rank
+                deferred.append(e)
+
+        return call
 
     make_queue = fsa.__dict__.get("_get_write_results_queue")
     if make_queue is not None:  # megatron versions without it need nothing here
         fsa._get_write_results_queue = queue.Queue
+    save_common, save_config = common.TorchCommonSaveStrategy.save_common, serialization.save_config
+    common.TorchCommonSaveStrategy.save_common = deferring(save_common)
+    serialization.save_config = deferring(save_config)
     try:
-        yield
+        yield deferred
     finally:
+        common.TorchCommonSaveStrategy.save_common, serialization.save_config = save_common, save_config
         if make_queue is not None:
             fsa._get_write_results_queue = make_queue
