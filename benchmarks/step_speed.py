@@ -79,7 +79,7 @@ def _lm_head_job(tokens_list, hidden, repeats, max_gib):
         gl, gh = torch.randn(2, n, generator=g)
         kw = dict(tp_group=group, temperature=0.7, vocab_size=VOCAB)
 
-        def run(fused):
+        def run(fused, h=h, t=t, gl=gl, gh=gh, kw=kw):
             hh, ww = h.clone().requires_grad_(), weight.clone().requires_grad_()
             if fused:
                 lp, ent = lm_head_logprob_entropy(hh, ww, t, **kw)
@@ -96,7 +96,7 @@ def _lm_head_job(tokens_list, hidden, repeats, max_gib):
                 continue
             if tp > 1:
                 dist.barrier()
-            t_min, peak = _timed(lambda: run(fused), repeats)
+            t_min, peak = _timed(lambda fused=fused: run(fused), repeats)
             if tp > 1:  # the slower rank's time and the larger rank's peak
                 both = torch.tensor([t_min, float(peak)], dtype=torch.float64)
                 dist.all_reduce(both, op=dist.ReduceOp.MAX)
@@ -145,12 +145,12 @@ def _step_job(lengths, repeats, max_gib):
             mbs = [build_microbatch(seqs, [0], per_token)]
             spec = LossSpec("ppo_clip", {}, "token-mean", 1.0, arch.vocab_size, n)
 
-            def step():
+            def step(policy=policy, mbs=mbs, spec=spec):
                 train_minibatch(policy, mbs, spec)
                 optimizer_step(policy, _NoSchedule(), True)  # the LR schedule is not what is timed
 
             out[(attention, n)] = _timed(step, repeats)
-        del policy
+        policy = None  # free this model before the next is built
         gc.collect()
     runtime.destroy()
     return out

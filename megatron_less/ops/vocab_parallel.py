@@ -339,7 +339,7 @@ class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad, fused, vocab_size):
         ctx.set_materialize_grads(False)
-        tp, rank = _group_info(group)
+        _, rank = _group_info(group)
         valid = _valid_columns(vocab_size, rank, x.shape[-1])
         stats = shard_stats(x, target, rank, valid, temperature, chunk, with_entropy, fused)
         logprob, ent, big_mx, log_s0 = merge_stats(stats, group, temperature, with_entropy)
