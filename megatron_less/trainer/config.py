@@ -95,7 +95,9 @@ class RolloutCfg(_Section):
 class BatchCfg(_Section):
     prompts_per_step: int = Field(512, ge=1)  # one rollout batch
     mini_batch_prompts: int = Field(32, ge=1)  # prompts per optimizer step
-    micro_batch_tokens: int = Field(16384, ge=1)  # token budget of one micro-batch (padded)
+    micro_batch_tokens: int = Field(16384, ge=1, description=(
+        "token budget of one micro-batch (rows x longest row, padded): activation memory grows with it "
+        "(see model.* for what shrinks activations), fewer and larger micro-batches keep the GPU busier"))
     ppo_epochs: int = Field(1, ge=1)  # passes over each rollout batch (1: on-policy)
 
 
