@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_less.ops.vocab_parallel import (
-    _group_info,
-    _valid_columns,
+    group_info,
+    valid_columns,
     check_vocab_size,
     default_chunk_size,
     fused_available,
@@ -83,9 +83,9 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, target, group, temperature, tile, with_entropy, entropy_grad, fused,
                 vocab_size):
         ctx.set_materialize_grads(False)
-        _, rank = _group_info(group)
+        _, rank = group_info(group)
         n, vr = hidden.shape[0], weight.shape[0]
-        valid = _valid_columns(vocab_size, rank, vr)
+        valid = valid_columns(vocab_size, rank, vr)
         inner = tile if fused is not False else default_chunk_size(vr, hidden.device)
         stats = hidden.new_empty(n, 4, dtype=torch.float64)
         for s in range(0, n, tile):
@@ -126,7 +126,7 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
             if want_w:
                 _mm_into(d_w, g.t(), h, accumulate=True)
             del g
-        if want_h and _group_info(ctx.group)[0] > 1:
+        if want_h and group_info(ctx.group)[0] > 1:
             dist.all_reduce(d_h, group=ctx.group)  # every vocabulary shard's part of dL/dh
         return (d_h.to(hidden.dtype) if want_h else None, d_w.to(weight.dtype) if want_w else None,
                 None, None, None, None, None, None, None, None)

@@ -83,7 +83,8 @@ def default_chunk_size(vocab_per_rank: int, device: torch.device) -> int:
     return max(1, budget // (4 * vocab_per_rank))
 
 
-def _group_info(group) -> tuple[int, int]:
+def group_info(group) -> tuple[int, int]:
+    """(size, rank) of the tensor-parallel group; (1, 0) without one (shared with ops.lm_head)."""
     if group is None or not dist.is_initialized():
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
@@ -97,7 +98,7 @@ def _local_target(target: torch.Tensor, rank: int, vr: int, valid: int):
     return local.clamp(0, vr - 1).unsqueeze(-1), owned
 
 
-def _valid_columns(vocab_size: int | None, rank: int, vr: int) -> int:
+def valid_columns(vocab_size: int | None, rank: int, vr: int) -> int:
     """How many of this rank's columns are real tokens (the rest is vocabulary padding)."""
     if vocab_size is None:
         return vr
@@ -271,7 +272,7 @@ def shard_stats(x, target, rank, valid, temperature, chunk, with_entropy, fused)
 def merge_stats(stats, group, temperature, with_entropy):
     """The one collective (an all-gather of [n, 4]) and the merge: float64 (logprob, entropy,
     M, log S0) per token; entropy is 0 without ``with_entropy``."""
-    tp, _ = _group_info(group)
+    tp, _ = group_info(group)
     if tp > 1:
         parts = [torch.empty_like(stats) for _ in range(tp)]
         dist.all_gather(parts, stats, group=group)
@@ -329,7 +330,7 @@ def check_vocab_size(vocab_size, vr, group):
     """The op's vocab_size, validated against the padded total; None when nothing is padding."""
     if vocab_size is None:
         return None
-    total = _group_info(group)[0] * vr
+    total = group_info(group)[0] * vr
     if not 0 < vocab_size <= total:
         raise ValueError(f"vocab_size must be in [1, {total}] (the padded vocabulary), got {vocab_size}")
     return None if vocab_size == total else int(vocab_size)
@@ -339,8 +340,8 @@ class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, group, temperature, chunk, with_entropy, entropy_grad, fused, vocab_size):
         ctx.set_materialize_grads(False)
-        _, rank = _group_info(group)
-        valid = _valid_columns(vocab_size, rank, x.shape[-1])
+        _, rank = group_info(group)
+        valid = valid_columns(vocab_size, rank, x.shape[-1])
         stats = shard_stats(x, target, rank, valid, temperature, chunk, with_entropy, fused)
         logprob, ent, big_mx, log_s0 = merge_stats(stats, group, temperature, with_entropy)
         ctx.temperature, ctx.chunk, ctx.rank, ctx.fused, ctx.valid = temperature, chunk, rank, fused, valid
