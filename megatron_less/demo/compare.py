@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from megatron_less.demo import run as demo
+from megatron_less.report.plot import save_figure
 
 # Two optimizer steps per rollout batch (the LESS recipe takes 16): with one, every update is
 # on-policy (ratio 1), clipping never acts and KL-Cov's |log ratio| penalty has zero gradient, so
@@ -83,11 +84,7 @@ def plot(curves: dict[str, dict[int, tuple[list[int], list[float]]]], out: Path)
     ax.set_ylabel("held-out avg@k")
     ax.set_title("demo task: held-out accuracy (thin: single seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:

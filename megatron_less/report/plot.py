@@ -79,6 +79,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = 5
     _panel(axes[1, 2], rows, [("actor/grad_norm", "grad norm"), ("actor/clipfrac", "clip fraction"),
                               ("actor/approx_kl", "approx KL")], "update", window)  # fmt: skip
     fig.suptitle(f"{run_dir} (steps {rows[0]['step']}..{rows[-1]['step']}, thin: per step, thick: mean of {window})")
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Lay out, write (creating the folder) and release a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
