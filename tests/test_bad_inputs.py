@@ -34,9 +34,7 @@ CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad_inputs")
-    hf_dir, train_file = train_fixtures.make_model(root, steps=20)
-    return {"root": root, "hf": str(hf_dir), "data": str(train_file)}
+    return train_fixtures.run_inputs(tmp_path_factory, "bad_inputs", steps=20)
 
 
 def _args(tiny, out, *extra) -> list[str]:

@@ -40,9 +40,7 @@ def _kill_resume():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    hf_dir, train_file = train_fixtures.make_model(root)
-    return {"root": root, "hf": str(hf_dir), "data": str(train_file)}
+    return train_fixtures.run_inputs(tmp_path_factory, "reliability")
 
 
 def _args(tiny, out, *extra) -> list[str]:

@@ -36,9 +36,7 @@ PARITY = ("reward/mean", "loss/total", "actor/grad_norm", "rollout/entropy", "ac
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    hf_dir, train_file = train_fixtures.make_model(root)
-    return {"root": root, "hf": str(hf_dir), "data": str(train_file)}
+    return train_fixtures.run_inputs(tmp_path_factory, "train")
 
 
 def _overrides(tiny, out, *extra) -> list[str]:

@@ -50,3 +50,10 @@ def make_model(root: Path, *, steps: int = 150, seed: int = 0, **overrides) -> t
     warm_up(model, tok, rows, lambda r: f" \\boxed{{{r['answer']}}}", steps=steps, lr=3e-3, batch=16)
     model.eval().save_pretrained(hf_dir)
     return hf_dir, write_train_file(root / "train.jsonl", rows)
+
+
+def run_inputs(tmp_path_factory, name: str, **kwargs) -> dict:
+    """The test modules' `tiny` fixture: a warmed-up model and its training file in a fresh folder."""
+    root = tmp_path_factory.mktemp(name)
+    hf_dir, train_file = make_model(root, **kwargs)
+    return {"root": root, "hf": str(hf_dir), "data": str(train_file)}
