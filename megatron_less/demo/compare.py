@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict = {m: {} for m in methods}
     t0 = time.perf_counter()
     for seed in seeds:
+        files = demo.prepare(out / f"seed{seed}", seed, args.warmup_steps)  # shared by the seed's methods
         for method in methods:
             try:
-                files = demo.prepare(out / f"seed{seed}", seed, args.warmup_steps)  # shared by the seed's methods
                 run_dir = demo.run_training(out / f"seed{seed}" / method, files, seed, args.nproc,
                                             layout + REGIME + METHODS[method] + args.overrides,
                                             quiet=True)  # fmt: skip

@@ -92,9 +92,10 @@ def _mixed_step(run_dir: Path) -> int | None:
     """The last step whose logged group has both right and wrong answers (LESS shapes those)."""
     from megatron_less.report import run_files
 
-    rows = run_files.read_jsonl(run_dir / "rollouts.jsonl")
-    mixed = [r["step"] for r in rows
-             if {x["correct"] for x in rows if x["step"] == r["step"] and x["group"] == r["group"]} == {True, False}]
+    outcomes: dict[tuple, set] = {}
+    for r in run_files.read_jsonl(run_dir / "rollouts.jsonl"):
+        outcomes.setdefault((r["step"], r["group"]), set()).add(bool(r["correct"]))
+    mixed = [step for (step, _), seen in outcomes.items() if len(seen) == 2]
     return max(mixed) if mixed else None
 
 
