@@ -70,10 +70,12 @@ def test_eval_from_hf_folder_and_checkpoint(model_dirs, builtin_hf, tmp_path, da
     assert any(t.strip() for t in texts(rep_hf)), "the model produced no text at all"
 
 
-def test_eval_refuses_samples_and_model_together(tmp_path):
+def test_eval_refuses_samples_and_model_together(tmp_path, capsys):
     from megatron_less.eval.run import main
 
+    # either path alone would also fail with 2 (no x.json, no model y): the message names the rule
     assert main(["--samples", "x.json", "--model", "y"]) == 2
+    assert "pass either --samples or --model, not both" in capsys.readouterr().err
 
 
 def test_eval_missing_model_is_named(tmp_path, capsys):
