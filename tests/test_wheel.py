@@ -2,18 +2,22 @@
 
 One module fixture builds the wheel from a copy of the sources (setuptools' build/ folder keeps
 files deleted since an earlier build, so building in the checkout could ship stale modules),
-installs it into a fresh virtualenv outside the checkout that borrows torch, megatron-core and
-the rest from this interpreter (``--system-site-packages``), and runs everything from a folder
-outside the checkout without PYTHONPATH. The editable install of the checkout stays visible to
-that venv, so each test asserts that ``megatron_less`` is the venv's copy.
+installs it into a fresh virtualenv outside the checkout and runs everything from a folder outside
+the checkout without PYTHONPATH. That venv has no system site packages: the base interpreter's
+site-packages (which on a fresh machine hold no torch) must stay out of it. Torch, megatron-core
+and the rest come from this interpreter's own site-packages (the project's .venv), named by a
+plain .pth line, so the .pth files there are not run and the checkout's editable install stays
+out too; each test still asserts that ``megatron_less`` is the venv's copy.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -51,11 +55,14 @@ def venv(tmp_path_factory):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
           "-w", str(root / "dist"), str(src)], cwd=root)
     (wheel,) = (root / "dist").glob("megatron_less-*.whl")
-    # --without-pip: the venv's python runs this interpreter's pip (a system site package), which
-    # installs into the venv; --ignore-installed: the checkout's editable install does not count.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / "venv")],
-         cwd=root)
+    # No --system-site-packages: that would borrow the *base* interpreter's packages, not this
+    # interpreter's. A .pth line adds this interpreter's site-packages (torch, megatron-core, pip)
+    # after the venv's own; pip then installs into the venv (--ignore-installed: this
+    # interpreter's record of the editable install does not count).
+    _run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], cwd=root)
     python = root / "venv" / "bin" / "python"
+    venv_site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], root)
+    (Path(venv_site.strip()) / "_borrowed_packages.pth").write_text(sysconfig.get_path("purelib") + "\n")
     _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
           str(wheel)], cwd=root)
     work = root / "work"  # cwd of every command: outside the checkout, so nothing leaks from it
@@ -72,6 +79,32 @@ def test_wheel_holds_exactly_the_package_sources(venv):
         assert "megatron_less/demo/demo.yaml" in z.namelist()  # package data: `megatron-less demo` reads it
     sources = {str(p.relative_to(venv["src"])) for p in (venv["src"] / "megatron_less").rglob("*.py")}
     assert shipped == sources  # no tools/ or tests/, no stale modules, no subpackage left out
+
+
+def _base_site_packages() -> set[str]:
+    """The base interpreter's site-packages folders (and the user site), as this venv's ``site``
+    would add them with system site packages on."""
+    import site
+
+    base = {sys.base_prefix, sys.base_exec_prefix}
+    paths = set(site.getsitepackages(list(base)))
+    paths |= {sysconfig.get_path(k, vars={"base": b, "platbase": b}) for k in ("purelib", "platlib") for b in base}
+    if site.USER_SITE:
+        paths.add(site.USER_SITE)
+    return {os.path.realpath(p) for p in paths}
+
+
+def test_venv_sees_no_base_site_packages(venv):
+    path = json.loads(_run([str(venv["python"]), "-c", "import json, sys; print(json.dumps(sys.path))"], venv["work"]))
+    base = _base_site_packages()
+    assert base, "no base site-packages found to check against"
+    leaked = [p for p in path if p and os.path.realpath(p) in base]
+    assert not leaked, f"the wheel's venv sees the base interpreter's site-packages: {leaked}"
+    # torch and megatron-core come from this interpreter's own site-packages (the .venv)
+    code = "import torch, megatron.core; print(torch.__file__); print(megatron.core.__file__)"
+    own = Path(sysconfig.get_path("purelib")).resolve()
+    for f in _run([str(venv["python"]), "-c", code], venv["work"]).split():
+        assert Path(f).resolve().is_relative_to(own), f
 
 
 def test_package_is_imported_from_the_venv(venv):
