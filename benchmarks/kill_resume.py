@@ -153,7 +153,9 @@ def load_checkpoint_files(path: Path) -> dict:
                      no_dist=True)  # fmt: skip
     state = json.loads((path / "trainer_state.json").read_text())
     state["config"].pop("output_dir")
-    return {"tensors": tensors, "common": torch.load(path / "common.pt", weights_only=False), "trainer_state": state,
+    common = path / "common.pt"  # megatron-core < 0.19; later ones keep it among the DCP items above
+    return {"tensors": tensors, "common": torch.load(common, weights_only=False) if common.exists() else None,
+            "trainer_state": state,
             "rng": {p.name: torch.load(p, weights_only=False) for p in sorted((path / "rng").iterdir())}}  # fmt: skip
 
 

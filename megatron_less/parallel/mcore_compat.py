@@ -10,7 +10,7 @@ torch factory functions process-wide silently corrupted HF ``from_pretrained``).
 are applied only when CUDA is unavailable.
 
 All platforms (``sync_save``): a synchronous torch_dist save made without a multiprocessing
-Manager process, in which rank 0's own writes (common.pt, metadata.json) defer their errors
+Manager process, in which rank 0's own writes (metadata.json; common.pt on 0.16) defer their errors
 until the collective part is over (else a full disk on rank 0 hangs the other ranks); scoped to
 the ``with`` block.
 
@@ -72,8 +72,22 @@ class _CudaOnCpu:
     def random(self):
         return self
 
+    def current_stream(self, device=None):
+        return _NO_STREAM  # CPU work is ordered already: waits on it are no-ops
+
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
+
+
+class _NoStream:
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+
+_NO_STREAM = _NoStream()
 
 
 def _with_cpu_device(fn):
@@ -223,7 +237,8 @@ PATCHES: dict[str, Patch] = {
         ),
         Patch(
             "ddp_buffers",
-            "DDP's contiguous grad buffers are allocated on current_device()",
+            "DDP's contiguous grad buffers are allocated on current_device(); from 0.19 the grad "
+            "sync also waits on torch.cuda.current_stream()",
             _torch_proxy("megatron.core.distributed.param_and_grad_buffer"),
         ),
         Patch(
@@ -308,17 +323,17 @@ def without(name: str) -> Iterator[None]:
 @contextlib.contextmanager
 def sync_save() -> Iterator[list]:
     """Around a synchronous ``dist_checkpointing.save``: the torch_dist writer hands its results
-    back through a queue from ``filesystem_async._get_write_results_queue``, always a
+    back through a queue from ``filesystem_async.[_]get_write_results_queue``, always a
     ``multiprocessing`` Manager queue (made for async saves, whose writer is another process).
     Starting that Manager spawns a server process, which costs seconds per rank and re-imports
     the caller's ``__main__`` (every entry point would need a ``__main__`` guard). A synchronous
     save writes and collects in this process, so a plain ``queue.Queue`` serves; the function is
     swapped only for the block and restored after.
 
-    Second, rank 0 writes two files outside the collective part of the save (``common.pt``
-    before it, ``metadata.json`` before a barrier after it). An error there (a full disk) would
-    leave rank 0 outside the collectives the other ranks wait in: a hang. Within the block those
-    two writes defer their error instead: it is appended to the yielded list, the save goes on
+    Second, rank 0 writes files outside the collective part of the save (``metadata.json``
+    before a barrier after it; on 0.16 also ``common.pt`` before it). An error there (a full
+    disk) would leave rank 0 outside the collectives the other ranks wait in: a hang. Within the
+    block those writes defer their error instead: it is appended to the yielded list, the save goes on
     in step on every rank, and the caller raises it on every rank afterwards
     (checkpoints.model.save_checkpoint). tests/test_reliability.py's full-disk case on rank 0
     hangs without this."""
@@ -338,15 +353,22 @@ def sync_save() -> Iterator[list]:
 
         return call
 
-    make_queue = fsa.__dict__.get("_get_write_results_queue")
-    if make_queue is not None:  # megatron versions without it need nothing here
-        fsa._get_write_results_queue = queue.Queue
-    save_common, save_config = common.TorchCommonSaveStrategy.save_common, serialization.save_config
-    common.TorchCommonSaveStrategy.save_common = deferring(save_common)
-    serialization.save_config = deferring(save_config)
+    swaps = [(serialization, "save_config", deferring(serialization.save_config))]
+    # the queue factory: 0.16 names it _get_write_results_queue, 0.19 get_write_results_queue
+    swaps += [(fsa, name, queue.Queue) for name in _WRITE_QUEUE_NAMES if name in fsa.__dict__]
+    # 0.16 writes common.pt from rank 0 through this class; 0.19 keeps the common state inside
+    # the collective DCP save (a "common_state" ShardedObject), so there is nothing to defer
+    legacy = getattr(common, "TorchCommonSaveStrategy", None)
+    if legacy is not None:
+        swaps.append((legacy, "save_common", deferring(legacy.save_common)))
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in swaps]
+    for owner, name, new in swaps:
+        setattr(owner, name, new)
     try:
         yield deferred
     finally:
-        common.TorchCommonSaveStrategy.save_common, serialization.save_config = save_common, save_config
-        if make_queue is not None:
-            fsa._get_write_results_queue = make_queue
+        for owner, name, orig in saved:
+            setattr(owner, name, orig)
+
+
+_WRITE_QUEUE_NAMES = ("_get_write_results_queue", "get_write_results_queue")
