@@ -207,3 +207,31 @@ def test_tp2_one_collective_each_way(tp2, name):
     for r in range(2):
         assert tp2[r][name]["fwd"] == ["all_gather"]
         assert tp2[r][name]["bwd"] == ["all_reduce"]
+
+
+# --- backward memory ---------------------------------------------------------------------------
+
+MV, MH, MT, MTILE = 4096, 256, 64, 16  # the weight's gradient (4 MiB fp32) dwarfs a tile's buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_accumulates_weight_gradient_in_place(dtype):
+    """Peak tensor bytes of the backward (CPU allocator events, ops.memory): the fp32 [V, H]
+    accumulator, the gradient returned in the weight's dtype and tile-sized buffers - no
+    per-tile [V, H] temporary (the product of a tile is added into the accumulator in place)."""
+    from megatron_less.ops.memory import peak_tensor_bytes
+
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(MT, MH, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(MV, MH, generator=g) * 0.1).to(dtype).requires_grad_()
+    target = torch.randint(0, MV, (MT,), generator=g)
+    gl, gh = torch.randn(2, MT, generator=g)
+    lp, ent = fused_op(hidden, weight, target, tile_tokens=MTILE)
+    loss = (lp * gl + ent * gh).sum()
+    peak, (dh, dw) = peak_tensor_bytes(lambda: torch.autograd.grad(loss, (hidden, weight)))
+    item = torch.tensor([], dtype=dtype).element_size()
+    accumulator = MV * MH * 4
+    result = 0 if dtype == torch.float32 else MV * MH * item  # fp32: the accumulator is the result
+    tiles = 8 * MTILE * MV * 4 + 8 * MT * MH * 4  # a few [tile, V] and [T, H] float32 buffers
+    assert peak <= accumulator + result + tiles, (peak, accumulator + result + tiles)
+    assert dw.dtype == dtype and torch.isfinite(dw.float()).all() and dw.abs().sum() > 0

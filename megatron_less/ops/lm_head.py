@@ -13,8 +13,8 @@ the TP group, after every tile), same float64 merge, same handling of padded voc
 functions run under torch.compile (``fused``), the matmuls stay cuBLAS.
 
 Backward, per tile: recompute x = h W^T, G = dL/dx (local, no communication), then
-d_hidden = G W and d_weight += G^T h. d_weight accumulates over tiles in a float32 buffer (bf16
-accumulation loses the small late terms); d_hidden rows each come from one matmul over the
+d_hidden = G W and d_weight += G^T h. d_weight accumulates over tiles in place in a float32 buffer
+(bf16 accumulation loses the small late terms; no per-tile [V/TP, H] product is ever allocated); d_hidden rows each come from one matmul over the
 whole shard, then one all-reduce over the TP group in float32 - each rank holds only its
 vocabulary shard's part, exactly as megatron's ColumnParallelLinear all-reduces its input
 gradient. So the caller passes the replicated (not sequence-parallel) hidden states; under
@@ -54,16 +54,34 @@ def default_tile_tokens(vocab_per_rank: int, device: torch.device) -> int:
 
 
 def _mm_into(dst, a, b, accumulate):
-    """dst (float32) = or += a @ b; fp32 inputs write straight into dst (no temporary)."""
+    """dst (float32) = or += a @ b, with no [dst]-sized temporary when accumulating (d_weight:
+    [V/TP, H], ~2 GB fp32 at 7B TP1, once per tile). fp32 inputs write straight into dst;
+    bf16/fp16 ones accumulate in place through cuBLAS's out_dtype addmm where torch has it,
+    else (CPU: no mixed-dtype addmm) from the tile operands cast to fp32 - a's [V/TP, tile]
+    is the size of one fp32 logits tile, b's [tile, H] smaller still."""
     if a.dtype == torch.float32:
         if accumulate:
             dst.addmm_(a, b)
         else:
             torch.mm(a, b, out=dst)
     elif accumulate:
-        dst += _mm_f32(a, b)
-    else:
+        if not _addmm_f32_into(dst, a, b):
+            dst.addmm_(a.float(), b.float())
+    else:  # d_hidden rows: [tile, H], small; b (the weight) is never cast whole
         dst.copy_(_mm_f32(a, b))
+
+
+def _addmm_f32_into(dst, a, b) -> bool:
+    """dst += a @ b in place with fp32 accumulation and output for bf16/fp16 a, b (cuBLAS's
+    out_dtype addmm); False where torch has no such kernel for the device."""
+    key = ("addmm", a.device.type)
+    if _MM_F32.get(key, True):
+        try:
+            torch.addmm(dst, a, b, out_dtype=torch.float32, out=dst)
+            return True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_F32[key] = False  # e.g. CPU: no addmm.dtype_out kernel
+    return False
 
 
 def _mm_f32(a, b):
