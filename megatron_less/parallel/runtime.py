@@ -32,6 +32,13 @@ class ParallelLayout:
         return world_size // (self.tp * self.pp)
 
 
+def world_backend(cuda: bool) -> str:
+    """torch.distributed backend of the world group. On CUDA: NCCL for device tensors and gloo for
+    CPU ones, so the CPU collectives (reward codes, ``broadcast_object_list`` /
+    ``all_gather_object`` in the checkpoint code, ...) stay valid next to NCCL."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -55,12 +62,10 @@ def initialize(
     if not dist.is_initialized():
         if world_size == 1:
             single_process_env()
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "nccl"
-        else:
-            backend = "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend=world_backend(cuda), timeout=datetime.timedelta(seconds=timeout_s))
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

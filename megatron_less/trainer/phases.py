@@ -28,6 +28,7 @@ def rollout(run, prompts, step: int) -> list[B.Sequence]:
 
 def reward(run, prompts, seqs: list[B.Sequence]) -> None:
     """Math reward; the world's ranks each score a slice, then share (collective)."""
+    from megatron_less.parallel import runtime
     from megatron_less.rewards.math import REASONS, score_batch
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -38,6 +39,7 @@ def reward(run, prompts, seqs: list[B.Sequence]) -> None:
     codes = torch.zeros(len(seqs), 2)
     for i, res in zip(mine, results):
         codes[i] = torch.tensor([res.score, REASONS.index(res.reason) + 1])
+    codes = codes.to(runtime.device())  # the collective runs where NCCL can take it
     dist.all_reduce(codes)
     for s, (score, code) in zip(seqs, codes.tolist()):
         s.reward, s.scored = score, REASONS[int(code) - 1]
