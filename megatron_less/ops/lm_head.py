@@ -15,10 +15,10 @@ functions run under torch.compile (``fused``), the matmuls stay cuBLAS.
 Backward, per tile: recompute x = h W^T, G = dL/dx (local, no communication), then
 d_hidden = G W and d_weight += G^T h. d_weight accumulates over tiles, in place, in a float32
 buffer (bf16 accumulation loses the small late terms; no per-tile [V/TP, H] product is ever
-allocated); d_hidden rows each come from one matmul over the whole shard, then one all-reduce over the TP group in float32 - each rank holds only its
-vocabulary shard's part, exactly as megatron's ColumnParallelLinear all-reduces its input
-gradient. So the caller passes the replicated (not sequence-parallel) hidden states; under
-sequence parallelism gather them first.
+allocated); d_hidden rows each come from one matmul over the whole shard, then one all-reduce
+over the TP group in float32 - each rank holds only its vocabulary shard's part, exactly as
+megatron's ColumnParallelLinear all-reduces its input gradient. So the caller passes the
+replicated (not sequence-parallel) hidden states; under sequence parallelism gather them first.
 
 Tied embeddings: pass the embedding parameter itself as ``weight``; its gradient is returned
 like any input's, so autograd adds it to the embedding's own.
