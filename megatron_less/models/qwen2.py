@@ -144,8 +144,7 @@ def transformer_config(
     from megatron.core.transformer import TransformerConfig
 
     arch.check(tp, pp)
-    on_gpu = torch.cuda.is_available()
-    fused_kernels = on_gpu and _have_te_or_apex()
+    on_gpu = cuda_available()
     kw: dict[str, Any] = dict(
         num_layers=arch.num_hidden_layers,
         hidden_size=arch.hidden_size,
@@ -170,25 +169,49 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
         attention_softmax_in_fp32=True,
-        # CPU: initialise the full weight and slice it (identical across layouts for one seed);
+        # CPU: initialise the full weight and slice it (identical across layouts for one seed).
+        # Where the weights are allocated is the real device (runtime.device()), not a probe;
         # the fused kernels below are CUDA/apex-only.
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=True,
         gradient_accumulation_fusion=False,
-        masked_softmax_fusion=fused_kernels,
+        # megatron's fused softmax (the local spec's DotProductAttention, fp16/bf16): apex's
+        # CUDA extensions, imported at the first forward; TE alone does not ship them.
+        masked_softmax_fusion=on_gpu and fused_softmax_available(),
         bias_activation_fusion=on_gpu,  # torch.jit fusions: any CUDA build
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
-        persist_layer_norm=fused_kernels,
+        # persist_layer_norm stays off: only apex's FusedLayerNorm (LayerNorm, not RMSNorm) reads
+        # it, TE's norms ignore it, and the local spec's RMSNorm (WrappedTorchNorm) asserts it is
+        # off (megatron-core 0.16 and 0.19): set, it broke attention sdpa|local next to TE/apex.
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
 
 
-def _have_te_or_apex() -> bool:
+# The probes of the config logic, one function each, so tests can run the GPU branches on a CPU
+# by patching them (never torch): "CUDA present", "TE importable", "apex's fused softmax kernels
+# importable" (apex built with its CUDA extensions, as in the NGC image).
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def have_te() -> bool:
     import importlib.util
 
-    return any(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "apex"))
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+FUSED_SOFTMAX_MODULES = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
+                         "scaled_softmax_cuda")
+
+
+def fused_softmax_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in FUSED_SOFTMAX_MODULES)
 
 
 ATTENTION = ("auto", "sdpa", "local")
@@ -199,13 +222,11 @@ def layer_spec(attention: str = "auto"):
     else megatron-core's local modules with SDPA core attention; ``sdpa``: local modules with
     ``models.attention.SDPAttention``; ``local``: megatron-core's local spec as it is (its
     unfused DotProductAttention). All share parameter names and shapes."""
-    import importlib.util
-
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if attention not in ATTENTION:
         raise ConfigError(f"attention must be one of {ATTENTION}, got {attention!r}")
-    if attention == "auto" and importlib.util.find_spec("transformer_engine") is not None:
+    if attention == "auto" and have_te():
         return specs.get_gpt_layer_with_transformer_engine_spec()
     spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if attention != "local":
