@@ -167,3 +167,42 @@ def test_every_loss_reports_the_count_it_normalises_by():
     assert int(m["loss_count"]) == 3
     _, m = get_policy_loss("forking_tokens")(lp, old, adv, mask, entropy=ent)
     assert int(m["loss_count"]) == int(forking_token_mask(ent, mask, 0.2).sum()) < int(mask.sum())
+
+
+# --- Clip-Cov's randomness: a generator per (seed, step, rank), never the process RNG ----------
+
+
+def _clip_cov_zeroed(generator):
+    """Tokens Clip-Cov zeroes on a 16 x 32 batch where every valid token is eligible."""
+    g = torch.Generator().manual_seed(21)
+    lp = -torch.rand(16, 32, generator=g, dtype=torch.float64) * 4
+    adv = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    mask = torch.ones(16, 32, dtype=torch.bool)
+    x = lp.clone().requires_grad_()
+    loss, _ = clip_cov_loss(x, lp.clone(), adv, mask, clip_cov_ratio=0.05, clip_cov_lb=-1e9, clip_cov_ub=1e9,
+                            generator=generator)  # fmt: skip
+    loss.backward()
+    return frozenset(map(tuple, (x.grad == 0).nonzero().tolist()))
+
+
+def test_clip_cov_choice_comes_from_seed_step_rank_not_the_process_rng():
+    from megatron_less.algos.entropy_baselines import step_generator
+
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    picked = {key: _clip_cov_zeroed(step_generator(*key)) for key in [(7, 3, 0), (7, 4, 0), (7, 3, 1), (8, 3, 0)]}
+    assert torch.equal(torch.get_rng_state(), before), "Clip-Cov drew from the process RNG"
+    assert all(len(p) == 25 for p in picked.values())  # floor(0.05 * 512)
+    # the same (seed, step, rank) picks the same tokens, whatever the process RNG holds
+    torch.manual_seed(99)
+    assert _clip_cov_zeroed(step_generator(7, 3, 0)) == picked[(7, 3, 0)]
+    # another step, rank or seed: another choice
+    assert len(set(picked.values())) == 4
+
+
+def test_clip_cov_refuses_to_draw_without_a_generator():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError, match="generator"):
+        _clip_cov_zeroed(None)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -51,6 +51,24 @@ def centred_covariance(
     return (a - masked_mean(a, response_mask)) * (lp - masked_mean(lp, response_mask))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """A CPU generator for one (seed, step, rank): what a step's random choices draw from, so that
+    nothing in a step draws from (or advances) the process RNGs, and a resumed run - at any layout
+    - draws what it would have drawn without saving any RNG state. ``rank``: the data-parallel
+    rank (the ranks of one model replica must choose alike). SplitMix64 over the three numbers."""
+    state = 0
+    for x in (seed, step, rank):
+        state = (state ^ (int(x) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        z = state
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+        state = z ^ (z >> 31)
+    return torch.Generator().manual_seed(state >> 1)  # manual_seed takes < 2**63 without wrapping
+
+
 def _budget(ratio: float, n_valid: int) -> int:
     return max(1, math.floor(ratio * n_valid))
 
@@ -77,8 +95,12 @@ def clip_cov_loss(
     clip_cov_ub: float = 5.0, generator: torch.Generator | None = None, clip_low=0.2, clip_high=0.28,
     dual_clip_c=10.0, **common,
 ):  # fmt: skip
-    """Clip-Cov. The random choice draws from `generator` (a CPU torch.Generator) for determinism.
-    "Already clipped" means clipping (ratio or dual) already set that token's gradient to zero."""
+    """Clip-Cov. The random choice draws from `generator` (a CPU torch.Generator; the trainer's
+    comes from `step_generator(seed, step, dp_rank)`), never from the process RNG: without one it
+    raises. "Already clipped" means clipping (ratio or dual) already set that token's gradient to zero."""
+    if generator is None:
+        raise ValueError("clip_cov draws its random tokens from `generator` (e.g. step_generator(seed, step, rank)), "
+                         "never from the process RNG; none was passed")
     token_loss, log_ratio, ratio, clipped, dual = ppo_clip_token_losses(
         log_prob, old_log_prob, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
     )

@@ -10,6 +10,7 @@ step's count over all micro-batches and ranks, not a mean of per-micro-batch mea
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -103,14 +104,23 @@ class LossSpec:
     fused_lm_head: bool = True  # hidden states through ops.lm_head_logprob_entropy, no logits
 
 
-def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec) -> dict[str, float]:
+def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec, *,
+                    generator: torch.Generator | None = None) -> dict[str, float]:
     """Forward/backward over one mini-batch (gradients left in megatron's buffers). Returns sums
-    of per-token metrics (weighted by each micro-batch's loss tokens) from the last stage."""
+    of per-token metrics (weighted by each micro-batch's loss tokens) from the last stage, read
+    from the device once, after the last micro-batch.
+
+    ``generator``: what a loss that makes random choices (one with a ``generator`` keyword:
+    Clip-Cov) draws from, micro-batch after micro-batch; the caller seeds it from (seed, step,
+    data-parallel rank), so nothing here draws from the process RNGs."""
     from megatron_less.models.policy import forward_backward
 
     loss_fn = get_policy_loss(spec.name)
+    kwargs = dict(spec.kwargs)
+    if "generator" in inspect.signature(loss_fn).parameters:
+        kwargs["generator"] = generator
     device = _device(policy.model)
-    sums: dict[str, float] = {}
+    sums: dict = {}
 
     def step(data_iter, model):
         mb = next(data_iter)
@@ -125,7 +135,7 @@ def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec) -> dict[str, 
             mask = mb.loss_mask.to(device)
             # counts of 1: each term comes back as a sum; megatron divides by the global count
             total, metrics = loss_fn(
-                lp, x["old_logprobs"], x["advantages"], mask, **spec.kwargs, loss_agg_mode=spec.agg_mode,
+                lp, x["old_logprobs"], x["advantages"], mask, **kwargs, loss_agg_mode=spec.agg_mode,
                 global_num_tokens=1, global_num_seqs=1, max_response_len=spec.max_response_len,
                 ref_log_prob=x.get("ref_logprobs"), kl_coef=spec.kl_coef, kl_type=spec.kl_type, entropy=ent,
                 entropy_coef=spec.entropy_coef,
@@ -138,7 +148,7 @@ def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec) -> dict[str, 
         return out, loss
 
     forward_backward(policy, mbs, step, **_shape(mbs))
-    return sums
+    return read_sums(sums)
 
 
 # Loss terms aggregated like the loss itself: with counts of 1 they come back as sums, and
@@ -147,14 +157,33 @@ AGGREGATED = ("pg_loss", "entropy", "kl_ref")
 
 
 def _accumulate(sums, metrics, n_tok, total, count) -> None:
+    """Adds one micro-batch's numbers into ``sums`` without reading them: tensors stay on the
+    device (a host read is a device sync, a bubble in the 1F1B schedule), summed in float64 as
+    the host's floats were; `read_sums` fetches them once per mini-batch."""
     for k, v in metrics.items():
+        v = _f64(v)
         if k in AGGREGATED:
-            sums["agg_" + k] = sums.get("agg_" + k, 0.0) + float(v)
+            sums["agg_" + k] = sums.get("agg_" + k, 0.0) + v
         else:  # weighted by tokens, so the step's figure is a token mean
-            sums[k] = sums.get(k, 0.0) + float(v) * n_tok
+            sums[k] = sums.get(k, 0.0) + v * n_tok
     sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
-    sums["_loss_sum"] = sums.get("_loss_sum", 0.0) + float(total.detach())
-    sums["_loss_count"] = sums.get("_loss_count", 0.0) + float(count)
+    sums["_loss_sum"] = sums.get("_loss_sum", 0.0) + _f64(total)
+    sums["_loss_count"] = sums.get("_loss_count", 0.0) + _f64(count)
+
+
+def _f64(v):
+    return v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
+
+
+def read_sums(sums: dict) -> dict[str, float]:
+    """``sums`` as Python floats: every device value in one transfer (one sync)."""
+    keys = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in sums.items() if k not in keys}
+    if keys:
+        device = sums[keys[0]].device
+        values = torch.stack([sums[k].reshape(()).to(device) for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in sums}
 
 
 def optimizer_step(policy, scheduler, loss_finite: bool) -> tuple[bool, float]:

@@ -104,7 +104,13 @@ def advantages(run, seqs, per_token: dict) -> tuple[torch.Tensor, dict]:
 
 
 def update(run, seqs, minibatches: list[list[int]], per_token: dict) -> dict:
-    """Mini-batch optimizer steps (collective). Returns summed metrics of the whole update."""
+    """Mini-batch optimizer steps (collective). Returns summed metrics of the whole update.
+    A loss's random choices (Clip-Cov) draw from one generator per (seed, step, DP rank): the
+    ranks of a model replica choose alike, and a resume at any layout needs no RNG state."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_less.algos.entropy_baselines import step_generator
+
     c = run.cfg
     spec = LossSpec(c.algo.policy_loss, dict(c.algo.loss_kwargs), c.algo.loss_agg_mode, c.rollout.temperature,
                     run.arch.vocab_size, c.rollout.max_tokens, c.algo.kl_coef, c.algo.kl_type, c.algo.entropy_coef,
@@ -112,10 +118,11 @@ def update(run, seqs, minibatches: list[list[int]], per_token: dict) -> dict:
     keep = {k: per_token[k] for k in ("old_logprobs", "advantages", "ref_logprobs") if k in per_token}
     hooks = faults.corrupt_update(run.policy.model, run.step + 1, keep)  # MLESS_FAULT only
     totals: dict[str, float] = {}
+    generator = step_generator(c.seed, run.step + 1, ps.get_data_parallel_rank())
     for _ in range(c.batch.ppo_epochs):
         for rows in minibatches:
             mbs = microbatches(run, seqs, rows, keep)
-            sums = train_minibatch(run.policy, mbs, spec)
+            sums = train_minibatch(run.policy, mbs, spec, generator=generator)
             faults.kill_point("update", run.step + 1)
             sums = gather_sums(sums if _loss_rank() else {})
             loss = sums.get("_loss_sum", 0.0) / max(sums.get("_loss_count", 0.0), 1.0)
