@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,7 +14,6 @@ from megatron_less.algos.entropy_baselines import (
     forking_token_mask,
     kl_cov_loss,
 )
-from megatron_less.algos.losses import ppo_clip_loss
 
 
 def test_forking_mask_top_fraction_ties_and_padding():
@@ -30,22 +31,32 @@ def test_forking_mask_top_fraction_ties_and_padding():
 
 
 def test_forking_loss_is_ppo_on_selected_tokens():
-    g = torch.Generator().manual_seed(0)
-    lp = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    old = lp.detach() + 0.1 * torch.randn(4, 6, generator=g, dtype=torch.float64)
-    adv = torch.randn(4, generator=g, dtype=torch.float64)
-    ent = torch.rand(4, 6, generator=g, dtype=torch.float64)
-    mask = torch.arange(6) < torch.tensor([6, 5, 2, 4])[:, None]
-    loss, m = algos.get_policy_loss("forking_tokens")(lp, old, adv, mask, entropy=ent)
-    sel = forking_token_mask(ent, mask, 0.2)
-    ref, _ = ppo_clip_loss(lp, old, adv, sel)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
-    assert m["forking_frac"].item() == pytest.approx(sel.sum().item() / mask.sum().item())
-
+    """By hand. 5 valid tokens at top_ratio 0.4: k = 2, the entropies 0.9 and 0.8 are selected.
+    (0, 1): ratio 1.5, A = +1 -> clipped at 1.28: loss -1.28, no gradient.
+    (1, 0): ratio 1,   A = -2 -> loss +2, d/dlp = -A * ratio / 2 = 1.
+    The other tokens (ratios 3 and e^-2, padding with a huge entropy) must not count.
+    Token mean over the 2 selected tokens: (-1.28 + 2) / 2 = 0.36."""
+    ent = torch.tensor([[0.1, 0.9, 0.3], [0.8, 0.2, 50.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    lp = torch.tensor([[math.log(3.0), math.log(1.5), -2.0], [0.0, math.log(3.0), 5.0]], dtype=torch.float64)
     lp.requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x: algos.get_policy_loss("forking_tokens")(x, old, adv, mask, entropy=ent)[0], (lp,)
-    )
+    loss, m = algos.get_policy_loss("forking_tokens")(lp, old, adv, mask, entropy=ent, top_ratio=0.4)
+    assert loss.item() == pytest.approx(0.36, rel=1e-12)
+    assert m["forking_frac"].item() == pytest.approx(2 / 5)
+    assert int(m["loss_count"]) == 2
+    loss.backward()
+    expected = torch.zeros(2, 3, dtype=torch.float64)
+    expected[1, 0] = 1.0
+    torch.testing.assert_close(lp.grad, expected, rtol=0, atol=1e-12)
+
+    # default top_ratio 0.2 on 5 tokens: k = 1, only (0, 1) (clipped): loss -1.28, no gradient
+    lp.grad = None
+    loss, _ = algos.get_policy_loss("forking_tokens")(lp, old, adv, mask, entropy=ent)
+    assert loss.item() == pytest.approx(-1.28, rel=1e-12)
+    loss.backward()
+    assert not lp.grad.any()
 
 
 def cov_example():
