@@ -235,3 +235,21 @@ def test_backward_accumulates_weight_gradient_in_place(dtype):
     tiles = 8 * MTILE * MV * 4 + 8 * MT * MH * 4  # a few [tile, V] and [T, H] float32 buffers
     assert peak <= accumulator + result + tiles, (peak, accumulator + result + tiles)
     assert dw.dtype == dtype and torch.isfinite(dw.float()).all() and dw.abs().sum() > 0
+
+
+def test_bf16_product_added_in_row_blocks():
+    """The fallback where torch has no fp32-accumulating addmm into an fp32 tensor but keeps
+    bf16 matmuls: the product is added a block of rows at a time - same sums as the fp32 cast
+    path, and only a block's product is ever allocated."""
+    from megatron_less.ops.lm_head import _add_in_row_blocks
+    from megatron_less.ops.memory import peak_tensor_bytes
+
+    g = torch.Generator().manual_seed(12)
+    a, b = (torch.randn(MV, MTILE, generator=g).bfloat16(), torch.randn(MTILE, MH, generator=g).bfloat16())
+    start = torch.randn(MV, MH, generator=g)
+    dst = start.clone()
+    peak, _ = peak_tensor_bytes(lambda: _add_in_row_blocks(dst, a, b, 256))
+    prod = a.float() @ b.float()
+    # on CPU each product entry is rounded to bf16 once (half an ulp: 2**-8 relative)
+    assert ((dst - (start + prod)).abs() <= prod.abs() * 2**-8 + (start + prod).abs() * 1e-6 + 1e-6).all()
+    assert peak <= 4 * 256 * MH * 4, peak  # one block's bf16 and fp32 product and its slice, not [V, H]

@@ -53,22 +53,37 @@ def default_tile_tokens(vocab_per_rank: int, device: torch.device) -> int:
     return max(1, budget // (4 * vocab_per_rank))
 
 
+# Bytes of the fp32 product block when a bf16 product is added in row blocks (below).
+_BLOCK_BYTES = 64 << 20
+
+
 def _mm_into(dst, a, b, accumulate):
     """dst (float32) = or += a @ b, with no [dst]-sized temporary when accumulating (d_weight:
     [V/TP, H], ~2 GB fp32 at 7B TP1, once per tile). fp32 inputs write straight into dst;
-    bf16/fp16 ones accumulate in place through cuBLAS's out_dtype addmm where torch has it,
-    else (CPU: no mixed-dtype addmm) from the tile operands cast to fp32 - a's [V/TP, tile]
-    is the size of one fp32 logits tile, b's [tile, H] smaller still."""
+    bf16/fp16 ones accumulate in place through cuBLAS's out_dtype addmm where torch has it (fp32
+    `self` allowed); else on CPU (no mixed-dtype addmm, no out_dtype mm) from the tile operands
+    cast to fp32 - a's [V/TP, tile] is the size of one fp32 logits tile, b's [tile, H] smaller
+    still - and elsewhere (bf16 matmuls kept) in row blocks of at most _BLOCK_BYTES."""
     if a.dtype == torch.float32:
         if accumulate:
             dst.addmm_(a, b)
         else:
             torch.mm(a, b, out=dst)
     elif accumulate:
-        if not _addmm_f32_into(dst, a, b):
+        if _addmm_f32_into(dst, a, b):
+            return
+        if a.device.type == "cpu":
             dst.addmm_(a.float(), b.float())
+        else:
+            _add_in_row_blocks(dst, a, b, max(1, _BLOCK_BYTES // (4 * dst.shape[1])))
     else:  # d_hidden rows: [tile, H], small; b (the weight) is never cast whole
         dst.copy_(_mm_f32(a, b))
+
+
+def _add_in_row_blocks(dst, a, b, rows: int) -> None:
+    """dst += a @ b, `rows` rows of the fp32 product at a time."""
+    for r in range(0, dst.shape[0], rows):
+        dst[r : r + rows] += _mm_f32(a[r : r + rows], b)
 
 
 def _addmm_f32_into(dst, a, b) -> bool:
