@@ -440,3 +440,47 @@ def test_a_rank_that_dies_mid_rollout_ends_the_job_without_a_hang(tiny, tmp_path
     from megatron_less.checkpoints.model import check_files
 
     check_files(out / "checkpoints" / "step_000001")
+
+
+# --- algorithm keyword arguments and group sizes (checked before any process group) -------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.shaper_kwargs.mu=0", "algo.shaper_kwargs.mu: must be >= 1 (got 0)"),
+    ("algo.shaper_kwargs.quantile=1.5", "algo.shaper_kwargs.quantile: must be in [0, 1] (got 1.5)"),
+    ("algo.shaper_kwargs.mu=five", "algo.shaper_kwargs.mu: must be an integer (got 'five')"),
+    ("algo.advantage_kwargs.foo=1", "algo.advantage_kwargs.foo: unknown keyword of advantage 'grpo'; valid: eps"),
+    ("algo.loss_kwargs.dual_clip_c=0.5", "algo.loss_kwargs.dual_clip_c: must be > 1 or null (got 0.5)"),
+    ("algo.loss_kwargs.clip_lo=0.1", "algo.loss_kwargs.clip_lo: unknown keyword of policy_loss 'ppo_clip' "
+                                     "(did you mean 'clip_low'?)"),
+    ("algo.loss_kwargs.kl_coef=0.1", "algo.loss_kwargs.kl_coef: set by the trainer (algo.kl_coef), not here"),
+    ("rollout.n=1", "rollout.n: 1 response per prompt gives advantage 'grpo' no signal"),
+], ids=["mu-0", "quantile", "mu-text", "unknown-advantage-kwarg", "dual-clip", "unknown-loss-kwarg",
+        "trainer-kwarg", "group-of-one"])
+def test_bad_algorithm_values_fail_fast_naming_the_key(tiny, override, message):
+    """`megatron-less train` with a bad algorithm value: exit code 2 in < 15 s, one line naming the
+    key, before any model is built (the same check `load_config` runs)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, _args(tiny, "/tmp/x", override))
+    assert message in str(e.value), str(e.value)
+    cmd = [sys.executable, "-m", "megatron_less.cli", "train", str(CONFIG), *_args(tiny, "/tmp/x", override)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    took = time.monotonic() - t0
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]  # one line, no traceback
+    assert took < 15, f"{override} took {took:.1f} s to fail"
+
+
+@pytest.mark.parametrize("advantage", ["drgrpo", "rloo"])
+def test_group_of_one_refused_for_every_group_estimator(tiny, advantage):
+    with pytest.raises(ConfigError, match=rf"rollout.n: 1 response per prompt gives advantage '{advantage}' no signal"):
+        load_config(CONFIG, _args(tiny, "/tmp/x", "rollout.n=1", f"algo.advantage={advantage}"))
+    load_config(CONFIG, _args(tiny, "/tmp/x", "rollout.n=2", f"algo.advantage={advantage}"))  # two are enough
+
+
+def test_good_algorithm_kwargs_are_accepted(tiny):
+    cfg = load_config(CONFIG, _args(tiny, "/tmp/x", "algo.policy_loss=clip_cov", "algo.loss_kwargs={clip_cov_ratio: 0.001}",
+                                    "algo.shaper_kwargs={mu: 1, quantile: 1}", "algo.advantage_kwargs.eps=0.0001"))
+    assert cfg.algo.loss_kwargs == {"clip_cov_ratio": 0.001} and cfg.algo.shaper_kwargs == {"mu": 1, "quantile": 1}

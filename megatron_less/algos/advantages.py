@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import get_advantage, get_shaper, register_advantage, register_shaper
+from .registry import check_number, get_advantage, get_shaper, register_advantage, register_shaper
 
 
 def _group_stats(rewards: torch.Tensor, group_index: torch.Tensor):
@@ -35,7 +35,11 @@ def _out_dtype(rewards: torch.Tensor) -> torch.dtype:
     return rewards.dtype if rewards.is_floating_point() else torch.float32
 
 
-@register_advantage("grpo")
+def check_grpo(eps: float) -> None:
+    check_number("eps", eps, low=0.0)
+
+
+@register_advantage("grpo", check=check_grpo, min_group_size=2)
 def grpo_advantages(rewards: torch.Tensor, group_index: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """(r - mean) / (std + eps), std unbiased (as verl's GRPO)."""
     gid, count, centred, flat = _group_stats(rewards, group_index)
@@ -45,14 +49,14 @@ def grpo_advantages(rewards: torch.Tensor, group_index: torch.Tensor, *, eps: fl
     return torch.where(flat, torch.zeros_like(adv), adv).to(_out_dtype(rewards))
 
 
-@register_advantage("drgrpo")
+@register_advantage("drgrpo", min_group_size=2)
 def drgrpo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     """r - mean (Dr. GRPO: no std normalisation, which biases towards easy/hard prompts)."""
     _, _, centred, flat = _group_stats(rewards, group_index)
     return torch.where(flat, torch.zeros_like(centred), centred).to(_out_dtype(rewards))
 
 
-@register_advantage("rloo")
+@register_advantage("rloo", min_group_size=2)
 def rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     """r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean)."""
     gid, count, centred, flat = _group_stats(rewards, group_index)
@@ -61,7 +65,7 @@ def rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.T
     return torch.where(flat, torch.zeros_like(adv), adv).to(_out_dtype(rewards))
 
 
-@register_advantage("dr_grpo")
+@register_advantage("dr_grpo", min_group_size=2)
 def _drgrpo_alias(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     return drgrpo_advantages(rewards, group_index)
 

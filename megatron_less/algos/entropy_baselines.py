@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from .losses import finish_policy_loss, masked_mean, ppo_clip_token_losses
-from .registry import register_policy_loss
+from .losses import check_ppo_clip, finish_policy_loss, masked_mean, ppo_clip_token_losses
+from .registry import KwargError, check_number, register_policy_loss
 
 
 def forking_token_mask(
@@ -28,8 +28,7 @@ def forking_token_mask(
 
     Ties at the threshold are all selected, so slightly more than k tokens may be chosen.
     """
-    if not 0.0 < top_ratio <= 1.0:
-        raise ValueError(f"top_ratio must be in (0, 1], got {top_ratio}")
+    check_number("top_ratio", top_ratio, low=0.0, high=1.0, low_open=True)
     valid = response_mask.bool()
     values = entropy.detach()[valid]
     if values.numel() == 0:
@@ -73,7 +72,26 @@ def _budget(ratio: float, n_valid: int) -> int:
     return max(1, math.floor(ratio * n_valid))
 
 
-@register_policy_loss("forking_tokens")
+def check_forking_tokens(top_ratio, clip_low, clip_high, dual_clip_c) -> None:
+    check_number("top_ratio", top_ratio, low=0.0, high=1.0, low_open=True)
+    check_ppo_clip(clip_low, clip_high, dual_clip_c)
+
+
+def check_clip_cov(clip_cov_ratio, clip_cov_lb, clip_cov_ub, generator, clip_low, clip_high, dual_clip_c) -> None:
+    check_number("clip_cov_ratio", clip_cov_ratio, low=0.0, high=1.0, low_open=True)
+    check_number("clip_cov_lb", clip_cov_lb)
+    check_number("clip_cov_ub", clip_cov_ub, low=clip_cov_lb, low_open=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise KwargError("generator", f"must be a torch.Generator or null (got {generator!r})")
+    check_ppo_clip(clip_low, clip_high, dual_clip_c)
+
+
+def check_kl_cov(kl_cov_ratio, kl_cov_coef) -> None:
+    check_number("kl_cov_ratio", kl_cov_ratio, low=0.0, high=1.0, low_open=True)
+    check_number("kl_cov_coef", kl_cov_coef, low=0.0)
+
+
+@register_policy_loss("forking_tokens", check=check_forking_tokens)
 def forking_tokens_loss(
     log_prob, old_log_prob, advantages, response_mask, *, entropy, top_ratio: float = 0.2,
     clip_low=0.2, clip_high=0.28, dual_clip_c=10.0, **common,
@@ -89,7 +107,7 @@ def forking_tokens_loss(
     return finish_policy_loss(token_loss, log_prob, selected, ratio_terms, extra, entropy=entropy, **common)
 
 
-@register_policy_loss("clip_cov")
+@register_policy_loss("clip_cov", check=check_clip_cov)
 def clip_cov_loss(
     log_prob, old_log_prob, advantages, response_mask, *, clip_cov_ratio: float = 2e-4, clip_cov_lb: float = 1.0,
     clip_cov_ub: float = 5.0, generator: torch.Generator | None = None, clip_low=0.2, clip_high=0.28,
@@ -118,7 +136,7 @@ def clip_cov_loss(
     return finish_policy_loss(token_loss * keep, log_prob, response_mask, ratio_terms, extra, **common)
 
 
-@register_policy_loss("kl_cov")
+@register_policy_loss("kl_cov", check=check_kl_cov)
 def kl_cov_loss(
     log_prob, old_log_prob, advantages, response_mask, *, kl_cov_ratio: float = 2e-4, kl_cov_coef: float = 1.0,
     **common,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_policy_loss
+from .registry import check_number, register_policy_loss
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -101,6 +101,13 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_type: str 
     raise ValueError(f"unknown kl_type {kl_type!r}; valid: k1, k2, k3, low_var_kl")
 
 
+def check_ppo_clip(clip_low: float, clip_high: float, dual_clip_c: float | None) -> None:
+    """PPO-clip's parameters: ratio clipped to [1 - clip_low, 1 + clip_high], dual clip c > 1 (or None)."""
+    check_number("clip_low", clip_low, low=0.0, high=1.0, high_open=True)
+    check_number("clip_high", clip_high, low=0.0)
+    check_number("dual_clip_c", dual_clip_c, low=1.0, low_open=True, allow_none=True)
+
+
 def ppo_clip_token_losses(
     log_prob, old_log_prob, advantages, *, clip_low=0.2, clip_high=0.28, dual_clip_c=10.0
 ):
@@ -120,8 +127,7 @@ def ppo_clip_token_losses(
     clipped = clipped_loss > unclipped
     dual = torch.zeros_like(clipped)
     if dual_clip_c is not None:
-        if dual_clip_c <= 1.0:
-            raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+        check_number("dual_clip_c", dual_clip_c, low=1.0, low_open=True, allow_none=True)
         bound = -advantages * dual_clip_c
         dual = (advantages < 0) & (loss > bound)
         loss = torch.where(dual, bound.expand_as(loss), loss)
@@ -181,7 +187,7 @@ def finish_policy_loss(
     return loss, metrics
 
 
-@register_policy_loss("ppo_clip")
+@register_policy_loss("ppo_clip", check=check_ppo_clip)
 def ppo_clip_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,

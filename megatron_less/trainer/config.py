@@ -174,6 +174,8 @@ class CheckpointCfg(_Section):
     keep: int = Field(3, ge=1)  # newest complete checkpoints kept
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir), none, or a folder
     export_hf: bool = False  # write an HF folder at the end (output_dir/hf)
+    # with resume none: delete an earlier run's checkpoints, hf/ and logs in output_dir, then start over
+    overwrite: bool = False
 
 
 class LogCfg(_Section):
@@ -244,7 +246,7 @@ def _explain(err: ValidationError) -> str:
             got = e.get("input")
             shown = "" if isinstance(got, dict) or e["type"].startswith("value_error") else f" (got {got!r})"
             lines.append(f"{key}: {msg}{shown}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return "invalid config: " + lines[0] if len(lines) == 1 else "invalid config:\n  " + "\n  ".join(lines)
 
 
 def apply_override(tree: dict, item: str) -> None:
@@ -268,6 +270,7 @@ def build_config(tree: dict, *, check_paths: bool = True) -> Config:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_explain(e)) from None
+    check_algorithms(cfg)
     if check_paths:
         check_paths_exist(cfg)
     return cfg
@@ -288,6 +291,38 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, ch
     for item in overrides:
         apply_override(tree, item)
     return build_config(tree, check_paths=check_paths)
+
+
+# the policy-loss keywords the trainer passes itself, and the config key each comes from
+_TRAINER_KEYWORDS = {"loss_agg_mode": "algo.loss_agg_mode", "kl_coef": "algo.kl_coef", "kl_type": "algo.kl_type",
+                     "entropy_coef": "algo.entropy_coef", "max_response_len": "rollout.max_tokens"}
+
+
+def check_algorithms(cfg: Config) -> None:
+    """The algorithms' keyword arguments against their signatures and their own value checks
+    (algos.registry.check_kwargs), and a group size that gives the estimator a signal."""
+    from megatron_less.algos.registry import KwargError, check_kwargs, min_group_size, trainer_keywords
+
+    a = cfg.algo
+    for kind, field, name, kwargs in (("advantage", "advantage_kwargs", a.advantage, a.advantage_kwargs),
+                                      ("shaper", "shaper_kwargs", a.shaper, a.shaper_kwargs),
+                                      ("policy_loss", "loss_kwargs", a.policy_loss, a.loss_kwargs)):
+        for key in kwargs:
+            if key in trainer_keywords(kind):
+                source = _TRAINER_KEYWORDS.get(key)
+                raise ConfigError(f"invalid config: algo.{field}.{key}: set by the trainer"
+                                  + (f" ({source})" if source else "") + ", not here")
+        try:
+            check_kwargs(kind, name, kwargs)
+        except KwargError as e:
+            raise ConfigError(f"invalid config: algo.{field}.{e.key}: {e.reason}") from None
+    need = min_group_size(a.advantage)
+    if cfg.rollout.n < need:
+        raise ConfigError(
+            f"invalid config: rollout.n: {cfg.rollout.n} response{'s' if cfg.rollout.n != 1 else ''} per prompt gives "
+            f"advantage {a.advantage!r} no signal (each response is measured against the others of its prompt, "
+            f"so every advantage would be 0); use rollout.n >= {need}"
+        )
 
 
 def check_paths_exist(cfg: Config) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..registry import register_shaper
+from ..registry import check_number, register_shaper
 from .codes import (
     CORRECT_ONLY,
     DEFAULT,
@@ -98,6 +98,12 @@ def _inputs(token_ids, entropy, response_mask, correct, group_index) -> Inputs:
     )
 
 
+def check_less(mu: int, quantile: float) -> None:
+    """LESS's parameters: mu an integer >= 1 (shortest segment), quantile in [0, 1]."""
+    check_number("mu", mu, low=1, integer=True)
+    check_number("quantile", quantile, low=0.0, high=1.0)
+
+
 def less_token_weights(
     token_ids: torch.Tensor,
     entropy: torch.Tensor,
@@ -120,10 +126,7 @@ def less_token_weights(
     ``(weights, classes, stats)`` as asked: classes is an int8 [B, T] tensor of the CLASS_* codes
     of this module, stats a dict of floats for training logs (see `_stats`).
     """
-    if mu < 1:
-        raise ValueError(f"mu must be >= 1, got {mu}")
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    check_less(mu, quantile)
     inp = _inputs(token_ids, entropy, response_mask, correct, group_index)
     b, t = token_ids.shape
     out = Outputs(
@@ -174,7 +177,7 @@ def _stats(out: Outputs) -> dict[str, float]:
     }
 
 
-@register_shaper("less")
+@register_shaper("less", check=check_less)
 def less_shaper(advantages: torch.Tensor, batch, *, mu: int = 5, quantile: float = 0.8):
     """GRPO + LESS: advantages [B] -> token advantages [B, T] = w * A[:, None], plus LESS stats.
 
