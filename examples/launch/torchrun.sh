@@ -9,6 +9,15 @@
 #     NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=job42 bash examples/launch/torchrun.sh CONFIG.yaml
 #
 # GPUS_PER_NODE (default 8) processes start on this node. TORCHRUN_ARGS adds torchrun options.
+#
+# Network interface (many nodes): the job talks over two libraries, gloo (the world group's CPU
+# side: object gathers, vLLM's CPU groups) and NCCL (GPU tensors). Each picks an interface on its
+# own, gloo from the hostname's address - on many clusters a loopback (127.0.1.1) or a slow
+# management port, which hangs the first collective or fails with "Connection refused". Name the
+# interface that reaches the other nodes, the same on every node, before calling this script:
+#     export GLOO_SOCKET_IFNAME=ib0 NCCL_SOCKET_IFNAME=ib0   # or eth0, ens..., bond0: see `ip -br addr`
+# (NCCL_SOCKET_IFNAME is NCCL's bootstrap and socket transport; with InfiniBand, NCCL_IB_HCA picks
+# the adapters for the data.) Both are inherited by every rank.
 set -euo pipefail
 
 die() { echo "torchrun.sh: error: $*" >&2; exit 2; }
