@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(args.config, args.overrides)
-        from megatron_less.trainer.setup import model_arch
+        from megatron_less.trainer.setup import check_output_dir, model_arch
 
         check_layout(cfg, model_arch(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+        check_output_dir(cfg)  # an earlier run's output_dir: refused here, exit 2
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)

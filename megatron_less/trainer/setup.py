@@ -110,6 +110,77 @@ def _model_files(cfg: Config, hf) -> tuple[dict, dict | None, str]:
     return meta["hf_config"], meta.get("generation_config"), os.path.abspath(cfg.model.checkpoint)
 
 
+# what a run writes into output_dir: an earlier run's, when a new one starts over there
+RUN_FILES = ("checkpoints", "hf", "eval", "tensorboard", "metrics.jsonl", "rollouts.jsonl", "eval.jsonl")
+
+
+def earlier_run(out_dir) -> list[str]:
+    """What ``out_dir`` holds of an earlier run: checkpoints (any step_*, complete or not), an
+    exported hf/, logged rows. Empty: nothing a new run could prune, replace or export."""
+    out = Path(out_dir)
+    found = []
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    if steps:
+        found.append(f"checkpoints/{{{','.join(steps)}}}" if len(steps) > 1 else f"checkpoints/{steps[0]}")
+    if (out / "hf").exists():
+        found.append("hf/")
+    found += [n for n in ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl") if (out / n).is_file() and (out / n).stat().st_size]
+    return found
+
+
+def check_output_dir(cfg: Config) -> None:
+    """Before any process group: a run that does not resume this folder's own checkpoints never
+    starts in an ``output_dir`` holding an earlier run, whose newer checkpoints would prune the new
+    run's, whose logs it would replace and whose model it would export. checkpoint.overwrite=true
+    (with resume none) starts over instead: ``clear_output_dir`` deletes the earlier run first."""
+    from megatron_less.checkpoints import train_state
+
+    c, out = cfg.checkpoint, Path(cfg.output_dir)
+    if c.overwrite:
+        if c.resume != "none":
+            raise ConfigError(f"checkpoint.overwrite=true needs checkpoint.resume=none (got {c.resume!r}): it deletes "
+                              f"the earlier run in output_dir {out} and starts over, so there is nothing to resume")
+        return
+    found = earlier_run(out)
+    if not found:
+        return
+    resume = train_state.resume_path(cfg)
+    if resume is not None and resume.resolve().parent == train_state.checkpoints_dir(out).resolve():
+        return  # resumes this folder's own run (check_resume: from its newest checkpoint)
+    if resume is None and c.resume == "auto":
+        why = "checkpoint.resume=auto finds no complete checkpoint to resume there, so a new run would start over"
+    elif resume is None:
+        why = "checkpoint.resume=none starts a new run there"
+    else:
+        why = f"checkpoint.resume={resume} is not one of its checkpoints"
+    raise ConfigError(
+        f"output_dir {out} holds an earlier run ({', '.join(found)}): {why}, which would prune its checkpoints, "
+        "replace its logs and export the wrong model. Resume that run (checkpoint.resume=auto), use another "
+        "output_dir, or start over there with checkpoint.resume=none checkpoint.overwrite=true (deletes "
+        f"{', '.join(RUN_FILES)} in it)")
+
+
+def clear_output_dir(cfg: Config) -> list[str]:
+    """checkpoint.overwrite=true: rank 0 deletes the earlier run's files (RUN_FILES) before any
+    process group; every rank only writes there after the group has started."""
+    import shutil
+
+    out = Path(cfg.output_dir)
+    if not cfg.checkpoint.overwrite or os.environ.get("RANK", "0") != "0":
+        return []
+    removed = []
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def build_run(cfg: Config) -> Run:
     from megatron_less.data.sampler import PromptSampler, load_prompts
     from megatron_less.data.tokenizer import load_tokenizer, stop_token_ids
@@ -128,8 +199,12 @@ def build_run(cfg: Config) -> Run:
                           f"prompts in {cfg.data.train_file}")
     from megatron_less.checkpoints import train_state
 
+    check_output_dir(cfg)  # never on an earlier run's files (before any process group)
     resume = train_state.check_resume(cfg, arch, len(prompts))  # before any process group or weight
     hf = _initial_weights(cfg)  # opening validates every tensor's name and shape (HF) or file (checkpoint)
+    removed = clear_output_dir(cfg)  # checkpoint.overwrite: the earlier run goes, on rank 0, before any group
+    if removed:
+        print(f"checkpoint.overwrite: removed the earlier run's {', '.join(removed)} in {cfg.output_dir}", flush=True)
     tp, pp, dtype = cfg.parallel.tp, cfg.parallel.pp, DTYPES[cfg.model.dtype]
     runtime.initialize(tp, pp, seed=cfg.seed)
     o = cfg.optim
