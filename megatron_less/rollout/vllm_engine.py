@@ -3,13 +3,22 @@
 Every rank of the job builds one in-process engine (``external_launcher``: vLLM joins the
 existing torch.distributed world, consecutive ranks form a rollout-TP group). Rollout TP may
 differ from training TP; rollout replicas (world / rollout TP) split the prompts and the results
-are gathered back to every rank. Weights go from the Megatron shards to vLLM in memory, per layer,
-in bounded buckets, through vLLM's in-place ``reload_weights`` — never through disk.
+are gathered back to every rank. Weights go from the Megatron shards to vLLM in memory, gathered
+per layer in bounded buckets and streamed into ONE call of vLLM's in-place ``reload_weights`` per
+sync — never through disk. (One call per bucket would make vLLM fall back to the old tensors of,
+and warn about, every module the bucket lacks: thousands of warnings per step at 0.5B.)
+
+Sleep (GPU): level 2 discards the weights instead of copying them to host and back, since the
+sync overwrites all of them; the sync wakes the weights' memory first (its contents undefined),
+loads every weight, and only then wakes the KV cache. vLLM keeps its buffers (rotary tables)
+across the sleep itself. A sync that leaves a module without weights is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -101,8 +110,14 @@ class VLLMEngine(RolloutEngine):
             kw["kv_cache_memory_bytes"] = kv_cache_bytes or (256 << 20)
         if kv_cache_bytes and on_gpu:
             kw["kv_cache_memory_bytes"] = kv_cache_bytes
+        if rollout_tp > 1:
+            # vLLM's custom all-reduce keeps IPC buffers outside the sleep allocator's pool; peers
+            # turn it off beside sleep mode (vLLM's CPU platform always does)
+            kw["disable_custom_all_reduce"] = True
+        self.engine_kwargs = kw
         self.llm = LLM(**kw)
-        self._asleep = False
+        self._sleeping: set[str] = set()  # vLLM's sleep tags not yet woken: "weights", "kv_cache"
+        self._weights_current = True  # False from a level-2 sleep until the next sync
 
     # -- generation ---------------------------------------------------------------------------
     def _replica(self) -> tuple[int, int]:
@@ -115,6 +130,9 @@ class VLLMEngine(RolloutEngine):
 
         from megatron_less.rollout.vllm_logprobs import KEY
 
+        if not self._weights_current:
+            raise RuntimeError("the rollout engine slept at level 2, which discards its weights: "
+                               "sync_weights must come before generate")
         replica, replicas = self._replica()
         requests = [(i, j) for i in range(len(prompts)) for j in range(n)][replica::replicas]
         inputs = [{"prompt_token_ids": list(prompts[i])} for i, _ in requests]
@@ -149,30 +167,50 @@ class VLLMEngine(RolloutEngine):
         return [[done[(i, j)] for j in range(n)] for i in range(len(prompts))]
 
     # -- weights ------------------------------------------------------------------------------
-    def _push(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(bucket)})
-
-    def sync_weights(self, model) -> dict:
-        """Stream every layer's full HF tensors from the Megatron shards into vLLM."""
-        t0 = time.perf_counter()
-        nbytes, bucket, size, cur_layer = 0, [], 0, None
+    def _buckets(self, model, counts: dict):
+        """Every full HF tensor, gathered a bucket at a time (at least ``bucket_bytes``, closed
+        only between layers), in model order."""
+        bucket, size, cur_layer = [], 0, None
         for name, tensor in iter_all_hf_tensors(model, self.arch):
             layer = _layer_of(name)
-            # flush only between layers: vLLM fuses q/k/v and gate/up of one layer on load
             if bucket and layer != cur_layer and size >= self.bucket_bytes:
-                self._push(bucket)
+                counts["buckets"] += 1
+                yield from bucket
                 bucket, size = [], 0
             cur_layer = layer
             bucket.append((name, tensor))
             size += tensor.numel() * tensor.element_size()
-            nbytes += tensor.numel() * tensor.element_size()
+            counts["bytes"] += tensor.numel() * tensor.element_size()
         if bucket:
-            self._push(bucket)
+            counts["buckets"] += 1
+            yield from bucket
+
+    def _load(self, weights) -> None:
+        """One in-place reload of ``weights`` (HF names, full tensors; any iterable, consumed
+        while vLLM loads). It must cover every module: vLLM would keep the old (after a level-2
+        sleep: undefined) tensors of a module it did not receive and only log it, so that is
+        raised here instead. Its notes about modules without checkpoint weights of their own -
+        the rotary tables and a tied LM head - are dropped."""
+        expected = {"RotaryEmbedding"} | ({"ParallelLMHead"} if self.arch.tie_word_embeddings else set())
+        with _unloaded_modules(expected) as unloaded:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if unloaded:
+            raise RuntimeError(f"the weight sync left vLLM modules without new weights: {unloaded}")
+
+    def sync_weights(self, model) -> dict:
+        """Stream every layer's full HF tensors from the Megatron shards into vLLM (collective);
+        wakes a sleeping engine in stages: weights, the new weights, then the KV cache."""
+        t0 = time.perf_counter()
+        self.wake_up(("weights",))  # memory back, contents undefined after a level-2 sleep
+        counts = {"bytes": 0, "buckets": 0}
+        self._load(self._buckets(model, counts))
         if self.arch.tie_word_embeddings:
             self.llm.collective_rpc(_repack_tied_lm_head)
+        self._weights_current = True
+        self.wake_up(("kv_cache",))  # only now: it does not compete with the sync's tensors
         # cached prompt blocks hold activations of the old weights
         self.llm.reset_prefix_cache()
-        return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+        return {"seconds": time.perf_counter() - t0, **counts}
 
     def shutdown(self) -> None:
         """Release the engine and vLLM's process groups while torch.distributed is still up
@@ -185,17 +223,60 @@ class VLLMEngine(RolloutEngine):
             destroy_model_parallel()
 
     def sleep(self) -> None:
-        if self.sleep_mode and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
+        """Free the weights' and KV cache's memory (GPU with sleep mode; else a no-op). Level 2:
+        the weights are discarded, not copied to host, so the next sync must rewrite them."""
+        if self.sleep_mode and not self._sleeping:
+            self.llm.sleep(level=2)
+            self._sleeping = {"weights", "kv_cache"}
+            self._weights_current = False
 
-    def wake_up(self) -> None:
-        if self._asleep:
-            # training's activations stay cached in torch's allocator; vLLM's weights and KV cache
-            # come from its own memory pool, which cannot use that cache
-            torch.cuda.empty_cache()
-            self.llm.wake_up()
-            self._asleep = False
+    def wake_up(self, tags=("weights", "kv_cache")) -> None:
+        """Reallocate what ``tags`` name of a sleeping engine. After a level-2 sleep the weights
+        are undefined until ``sync_weights``, which wakes the engine itself and should be
+        preferred: it wakes the KV cache only after the weights are in."""
+        tags = [t for t in tags if t in self._sleeping]
+        if tags:
+            if torch.cuda.is_available():
+                # training's activations stay cached in torch's allocator; vLLM's weights and KV
+                # cache come from its own memory pool, which cannot use that cache
+                torch.cuda.empty_cache()
+            self.llm.wake_up(tags=tags)
+            self._sleeping -= set(tags)
+
+
+@contextlib.contextmanager
+def _unloaded_modules(expected: set[str]):
+    """Collects what vLLM's in-place reload reports as not loaded ("<Module>: Failed to load
+    weights", "Following weights were not loaded from checkpoint: ..."), scoped to one reload:
+    those records are kept from vLLM's log (the caller raises on them) and the ``expected``
+    module kinds are dropped. Their loggers are opened to warnings for the duration, so a
+    quieter VLLM_LOGGING_LEVEL cannot hide a missing weight."""
+    from vllm.model_executor.model_loader.reload import inplace, layerwise
+
+    found: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.msg == "%s: Failed to load weights":
+            if record.args and record.args[0] not in expected:
+                found.append(record.getMessage())
+            return False
+        if "were not loaded from checkpoint" in str(record.msg):
+            found.append(record.getMessage())
+            return False
+        return True
+
+    loggers = [layerwise.logger, inplace.logger]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addFilter(keep)
+        if lg.getEffectiveLevel() > logging.WARNING:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield found
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeFilter(keep)
+            lg.setLevel(level)
 
 
 def _repack_tied_lm_head(worker) -> bool:

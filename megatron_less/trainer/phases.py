@@ -167,9 +167,9 @@ def gather_sums(local: dict) -> dict:
 
 
 def sync_weights(run) -> dict:
-    """The rollout engine's memory lifecycle lives here: it sleeps through training (GPU) and
-    wakes, then receives the new weights, before the next rollout."""
-    run.engine.wake_up()
+    """The rollout engine sleeps through training (GPU) and gets the new weights before the next
+    rollout. The sync wakes it: a sleeping vLLM engine has discarded its weights (level 2), so
+    it takes its weights' memory back, loads every weight, and only then its KV cache."""
     return run.engine.sync_weights(run.policy.module)
 
 
