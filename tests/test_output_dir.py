@@ -1,6 +1,7 @@
-"""A run never lands on another run's output_dir by accident: a fresh start (no checkpoint to
-resume) in a folder holding an earlier run's checkpoints or logs is refused before any process
-group, naming the folder and the ways out; no run prunes or exports another run's checkpoints.
+"""A run never lands on another run's output_dir by accident: a new run (checkpoint.resume=none,
+or another folder's checkpoint) in a folder holding an earlier run's checkpoints, hf/ or logs is
+refused before any process group, naming the folder and the ways out; no run prunes or exports
+another run's checkpoints. resume=auto goes on with the folder's own run.
 
 Before this rule, `checkpoint.resume=none train.steps=1 checkpoint.keep=1 checkpoint.export_hf=true`
 in the folder of a 2-step run pruned its own step_000001 as soon as it was written (the earlier
@@ -95,8 +96,8 @@ def _cfg(tiny, out, *extra):
 
 
 def test_what_counts_as_a_used_output_dir(tiny, earlier, tmp_path):
-    """Checked in-process (the function the CLI and build_run call): every fresh start in a used
-    folder is refused; resuming the folder's own run, or an unused folder, is not."""
+    """Checked in-process (the function the CLI and build_run call): a new run in a used folder is
+    refused; resuming the folder's own run (auto), or an unused folder, is not."""
     from megatron_less.trainer.setup import check_output_dir
 
     check_output_dir(_cfg(tiny, tmp_path / "new", "checkpoint.resume=none"))  # unused: fine
@@ -105,21 +106,23 @@ def test_what_counts_as_a_used_output_dir(tiny, earlier, tmp_path):
     check_output_dir(_cfg(tiny, earlier, "checkpoint.resume=auto"))  # resumes its own run
     check_output_dir(_cfg(tiny, earlier, f"checkpoint.resume={earlier / 'checkpoints' / 'step_000002'}"))
 
-    # a run that crashed before its first checkpoint: logs, nothing to resume (auto finds none)
+    # a run killed before its first checkpoint: logs and a partial save, nothing complete. auto
+    # restarts it (a killed job's restart); none would start another run over its logs
     logs_only = tmp_path / "logs_only"
-    logs_only.mkdir()
+    (logs_only / "checkpoints" / "step_000001.partial").mkdir(parents=True)
     shutil.copy2(earlier / "metrics.jsonl", logs_only / "metrics.jsonl")
-    with pytest.raises(ConfigError, match="no complete checkpoint to resume"):
-        check_output_dir(_cfg(tiny, logs_only, "checkpoint.resume=auto"))
+    check_output_dir(_cfg(tiny, logs_only, "checkpoint.resume=auto"))
+    with pytest.raises(ConfigError, match=r"checkpoints/step_000001.partial, metrics.jsonl\): checkpoint.resume=none"):
+        check_output_dir(_cfg(tiny, logs_only, "checkpoint.resume=none"))
     # resuming another folder's checkpoint into this used one: its saves would prune this run's
     with pytest.raises(ConfigError, match=f"output_dir {earlier} holds an earlier run"):
         check_output_dir(_cfg(tiny, earlier, f"checkpoint.resume={shutil.copytree(earlier, tmp_path / 'o')}"
                                              "/checkpoints/step_000002"))
-    # only a partial (interrupted) save counts too
-    partial = tmp_path / "partial"
-    (partial / "checkpoints" / "step_000001.partial").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="checkpoints"):
-        check_output_dir(_cfg(tiny, partial, "checkpoint.resume=none"))
+    # an exported model alone counts too
+    exported = tmp_path / "exported"
+    shutil.copytree(tiny["hf"], exported / "hf")
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(hf/\)"):
+        check_output_dir(_cfg(tiny, exported, "checkpoint.resume=none"))
     # overwrite starts over: it does not combine with a resume
     with pytest.raises(ConfigError, match="checkpoint.overwrite=true needs checkpoint.resume=none"):
         check_output_dir(_cfg(tiny, earlier, "checkpoint.overwrite=true"))

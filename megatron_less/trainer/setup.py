@@ -129,10 +129,12 @@ def earlier_run(out_dir) -> list[str]:
 
 
 def check_output_dir(cfg: Config) -> None:
-    """Before any process group: a run that does not resume this folder's own checkpoints never
-    starts in an ``output_dir`` holding an earlier run, whose newer checkpoints would prune the new
-    run's, whose logs it would replace and whose model it would export. checkpoint.overwrite=true
-    (with resume none) starts over instead: ``clear_output_dir`` deletes the earlier run first."""
+    """Before any process group: a new run (checkpoint.resume=none, or a checkpoint from elsewhere)
+    never starts in an ``output_dir`` holding an earlier run, whose newer checkpoints would prune
+    the new run's, whose logs it would replace and whose model it would export. resume=auto goes on
+    with the folder's run (from its newest complete checkpoint; with none, from the start).
+    checkpoint.overwrite=true (with resume none) starts over: ``clear_output_dir`` deletes the
+    earlier run first."""
     from megatron_less.checkpoints import train_state
 
     c, out = cfg.checkpoint, Path(cfg.output_dir)
@@ -148,8 +150,10 @@ def check_output_dir(cfg: Config) -> None:
     if resume is not None and resume.resolve().parent == train_state.checkpoints_dir(out).resolve():
         return  # resumes this folder's own run (check_resume: from its newest checkpoint)
     if resume is None and c.resume == "auto":
-        why = "checkpoint.resume=auto finds no complete checkpoint to resume there, so a new run would start over"
-    elif resume is None:
+        # nothing complete to resume: this folder's run was stopped before its first checkpoint
+        # (a killed job's restart, benchmarks/kill_resume.py); it starts over, its logs replaced
+        return
+    if resume is None:
         why = "checkpoint.resume=none starts a new run there"
     else:
         why = f"checkpoint.resume={resume} is not one of its checkpoints"
