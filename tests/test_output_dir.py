@@ -153,3 +153,23 @@ def _export(ckpt: Path, dst: Path) -> Path:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dst
+
+
+def test_the_demo_reruns_start_over(tiny, earlier, tmp_path, monkeypatch):
+    """`megatron-less demo` / `compare` train into the same folder on every re-run: its config
+    starts over there (overwrite), and rank 0 clears exactly the earlier run's files."""
+    from megatron_less.demo import run as demo
+    from megatron_less.trainer.setup import RUN_FILES, check_output_dir, clear_output_dir
+
+    out = tmp_path / "train"
+    shutil.copytree(earlier, out)
+    (out / "notes.txt").write_text("not the trainer's")
+    cfg = load_config(demo.CONFIG, [f"model.hf_dir={tiny['hf']}", f"data.train_file={tiny['data']}",
+                                    f"eval.benchmarks=[{tiny['data']}]", f"output_dir={out}"])
+    check_output_dir(cfg)
+    monkeypatch.setenv("RANK", "1")
+    assert clear_output_dir(cfg) == [] and complete(out)  # only rank 0 deletes
+    monkeypatch.setenv("RANK", "0")
+    assert clear_output_dir(cfg) == ["checkpoints", "metrics.jsonl", "rollouts.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert not any((out / n).exists() for n in RUN_FILES)
