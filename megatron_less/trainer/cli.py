@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_less.trainer.setup import check_output_dir, model_arch
 
         check_layout(cfg, model_arch(cfg), int(os.environ.get("WORLD_SIZE", "1")))
-        check_output_dir(cfg)  # an earlier run's output_dir: refused here, exit 2
+        if not args.print_config:
+            check_output_dir(cfg)  # a new run over an earlier run's output_dir: refused here, exit 2
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
