@@ -130,11 +130,6 @@ def test_equivalence_table(reference, answer, equal):
     assert r.extracted == answer
 
 
-def test_table_is_big_enough():
-    assert len(PAIRS) >= 40
-    assert sum(not eq for _, _, eq in PAIRS) >= 15
-
-
 def test_result_fields():
     r = compute_score("no box here", "5")
     assert r == ScoreResult(0.0, None, "no_box")
@@ -164,15 +159,31 @@ def _answers(data_dir, rel):
         return [json.loads(line)["answer"] for line in f]
 
 
+# Pairs (reference, another problem's reference) that do score 1 end to end, by file, with the
+# reason. Everything else in test_wrong_answers_score_zero_end_to_end must score 0.
+KNOWN_CROSS_MATCHES: dict[str, dict[tuple[str, str], str]] = {
+    "math500": {("5", "x=5"): "an assignment is its value, as in the table"},
+    # math-verify compares floats with an absolute tolerance: any two numbers this small are
+    # "equal" - a false positive of the reward, listed so that it stays visible
+    "minerva_math": {("2.88e-19", "1.325e-27"): "math-verify: tiny numbers compare equal"},
+}
+
+
+def _other_answers(answers: list[str]) -> list[str]:
+    """For each reference, the next one in the file (cyclically) spelled differently."""
+    from megatron_less.rewards.equivalence import canonical
+
+    keys = [canonical(a) for a in answers]
+    return [next(answers[(i + d) % len(answers)] for d in range(1, len(answers)) if keys[(i + d) % len(answers)] != k)
+            for i, k in enumerate(keys)]
+
+
 @pytest.mark.parametrize("name", list(BENCHMARKS))
 def test_every_reference_verifies_against_itself(data_dir, name):
+    """math-verify alone (shortcuts=False: identical strings are not taken as equal, so the
+    parser is audited, not the shortcut): each reference must verify against itself."""
     answers = _answers(data_dir, BENCHMARKS[name])
     responses = [f"Step by step ... so the answer is \\boxed{{{a}}}." for a in answers]
-    # End to end, as the trainer scores.
-    results = score_batch(responses, answers, num_workers=2)
-    missed = [a for a, r in zip(answers, results) if r.score != 1.0]
-    assert missed == [], f"{name}: {len(missed)}/{len(answers)} references fail: {missed[:20]}"
-    # math-verify alone (no canonical-string shortcut): audits the parser, not the shortcut.
     t0 = time.perf_counter()
     results = score_batch(responses, answers, num_workers=2, shortcuts=False)
     elapsed = time.perf_counter() - t0
@@ -180,6 +191,20 @@ def test_every_reference_verifies_against_itself(data_dir, name):
     known = KNOWN_PARSER_MISSES.get(name, {})
     print(f"{name}: {len(answers) - len(missed)}/{len(answers)} verify by parser, {elapsed:.1f}s")
     assert missed == set(known), f"{name}: unexpected parser misses {sorted(missed - set(known))}"
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_wrong_answers_score_zero_end_to_end(data_dir, name):
+    """End to end, as the trainer scores (shortcuts on): each reference against another
+    problem's reference scores 0, except the listed pairs of equal value. A shortcut or parser
+    that calls different answers equal shows up here. MATH test: every 10th problem (cost)."""
+    answers = _answers(data_dir, BENCHMARKS[name])
+    if name == "math_test":
+        answers = answers[::10]
+    wrong = _other_answers(answers)
+    results = score_batch([f"so the answer is \\boxed{{{w}}}." for w in wrong], answers, num_workers=2)
+    matched = {(a, w) for a, w, r in zip(answers, wrong, results) if r.score != 0.0}
+    assert matched == set(KNOWN_CROSS_MATCHES.get(name, {})), f"{name}: {sorted(matched)}"
 
 
 # References for which math-verify yields no math object, only a string: a model answer then
