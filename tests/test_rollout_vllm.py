@@ -231,9 +231,9 @@ def _count_generated(engine):
         del llm.generate
 
 
-def _job(layouts, rollout_tp, replica_layouts=()):
+def _job(layouts, rollout_tp):
     """Per trainer layout two phases: one sync in a single bucket, then (after a sleep cycle)
-    one bucket per layer. ``replica_layouts``: then a rollout TP1 engine per rank (replicas)."""
+    one bucket per layer."""
     from megatron_less.models import qwen2
     from megatron_less.parallel import runtime
     from megatron_less.rollout.vllm_engine import VLLMEngine
@@ -251,15 +251,28 @@ def _job(layouts, rollout_tp, replica_layouts=()):
         if (tp, pp) == (1, 1):
             out["partial_sync"] = _partial_sync(engine, policy, arch)
     engine.shutdown()
-    for tp, pp in replica_layouts:  # a second engine in the same processes (saves a start-up)
-        runtime.initialize(tp, pp)
-        engine = VLLMEngine(arch, rollout_tp=1, kv_cache_bytes=64 << 20)
-        out["replica_engine_kwargs"] = dict(getattr(engine, "engine_kwargs", {}))
-        policy = build_policy(arch, tp=tp, pp=pp)
-        with _count_generated(engine) as counts:
-            out[("replicas", tp, pp)] = [_phase(engine, policy, arch, seed) for seed in (0, 1)]
-        out[("replicas", tp, pp)][0]["generated_here"] = list(counts)  # both phases
-        engine.shutdown()
+    runtime.destroy()
+    return out
+
+
+def _replica_job(tp, pp):
+    """Rollout replicas: a rollout TP1 engine on every rank beside a TP``tp`` x PP``pp`` trainer.
+    (Its own processes: vLLM's shutdown takes the default group with it, so an engine of
+    another layout cannot follow in the same ones.)"""
+    from megatron_less.models import qwen2
+    from megatron_less.parallel import runtime
+    from megatron_less.rollout.vllm_engine import VLLMEngine
+    from megatron_less.models.policy import build_policy
+
+    arch = qwen2.Qwen2Arch.from_hf(tiny.hf_config(**tiny.ROLLOUT))
+    runtime.initialize(tp, pp)
+    engine = VLLMEngine(arch, rollout_tp=1, kv_cache_bytes=64 << 20)
+    out = {"engine_kwargs": dict(getattr(engine, "engine_kwargs", {}))}
+    policy = build_policy(arch, tp=tp, pp=pp)
+    with _count_generated(engine) as counts:
+        out["phases"] = [_phase(engine, policy, arch, seed) for seed in (0, 1)]
+    out["generated_here"] = list(counts)  # both phases
+    engine.shutdown()
     runtime.destroy()
     return out
 
@@ -271,20 +284,25 @@ def single():
 
 @pytest.fixture(scope="module")
 def pair():
-    # TP2 then PP2 trainers on 2 ranks, one vLLM engine with rollout TP2 across them; then a
-    # TP2 trainer with two rollout replicas (rollout TP1, one engine per rank).
-    return run_distributed(_job, 2, ([(2, 1), (1, 2)], 2, [(2, 1)]), env=ENV, timeout=600)
+    # TP2 then PP2 trainers on 2 ranks, one vLLM engine with rollout TP2 across them.
+    return run_distributed(_job, 2, ([(2, 1), (1, 2)], 2), env=ENV, timeout=600)
 
 
-def _cases(single, pair):
+@pytest.fixture(scope="module")
+def replicas():
+    # a TP2 trainer on 2 ranks with two rollout replicas (rollout TP1, one engine per rank)
+    return run_distributed(_replica_job, 2, (2, 1), env=ENV, timeout=600)
+
+
+def _cases(single, pair, replicas):
     yield "TP1 trainer / vLLM TP1", single[(1, 1)]
     yield "TP2 trainer / vLLM TP2", pair[0][(2, 1)]
     yield "PP2 trainer / vLLM TP2", pair[0][(1, 2)]
-    yield "TP2 trainer / 2 vLLM replicas TP1", pair[0][("replicas", 2, 1)]
+    yield "TP2 trainer / 2 vLLM replicas TP1", replicas[0]["phases"]
 
 
-def test_vllm_logprobs_match_megatron(single, pair):
-    for name, phases in _cases(single, pair):
+def test_vllm_logprobs_match_megatron(single, pair, replicas):
+    for name, phases in _cases(single, pair, replicas):
         for ph in phases:
             print(f"{name}: max |logprob vLLM - Megatron| = {ph['logprob_max_abs_diff']:.2e}, "
                   f"sync {ph['sync_seconds'] * 1e3:.1f} ms for {ph['sync_bytes'] / 1e6:.1f} MB")
@@ -293,10 +311,10 @@ def test_vllm_logprobs_match_megatron(single, pair):
             assert ph["distinct_samples"] > 1
 
 
-def test_tempered_truncated_logprobs_are_of_the_full_tempered_distribution(single, pair):
+def test_tempered_truncated_logprobs_are_of_the_full_tempered_distribution(single, pair, replicas):
     """T 0.7, top-p 0.9: each log-prob is log softmax(z / T)[token] over the whole vocabulary,
     what the trainer recomputes; the nucleus-renormalised value is measurably different."""
-    for name, phases in _cases(single, pair):
+    for name, phases in _cases(single, pair, replicas):
         for ph in phases:
             print(f"{name}: T 0.7 top-p 0.9: max |logprob vLLM - Megatron| = "
                   f"{ph['tempered_max_abs_diff']:.2e} (nucleus-renormalised: {ph['nucleus_max_abs_diff']:.2e})")
@@ -314,45 +332,46 @@ def test_logits_processor_both_runner_interfaces(single):
     assert got["refused"]
 
 
-def test_greedy_equals_builtin_sampler(single, pair):
-    for name, phases in _cases(single, pair):
+def test_greedy_equals_builtin_sampler(single, pair, replicas):
+    for name, phases in _cases(single, pair, replicas):
         for ph in phases:
             assert ph["vllm_greedy"] == ph["builtin_greedy"], name
 
 
-def test_resync_follows_new_weights(single, pair):
-    for name, (before, after) in _cases(single, pair):
+def test_resync_follows_new_weights(single, pair, replicas):
+    for name, (before, after) in _cases(single, pair, replicas):
         assert before["vllm_greedy"] != after["vllm_greedy"], name
 
 
-def test_ranks_agree(pair):
-    for key in ((2, 1), (1, 2), ("replicas", 2, 1)):
-        for ph0, ph1 in zip(pair[0][key], pair[1][key]):
-            assert ph0["vllm_greedy"] == ph1["vllm_greedy"], key
-            assert ph0["sampled"] == ph1["sampled"], key  # every rank ends with every response
+def test_ranks_agree(pair, replicas):
+    for name, per_rank in (("TP2", [pair[r][(2, 1)] for r in (0, 1)]), ("PP2", [pair[r][(1, 2)] for r in (0, 1)]),
+                           ("replicas", [replicas[r]["phases"] for r in (0, 1)])):
+        for ph0, ph1 in zip(*per_rank):
+            assert ph0["vllm_greedy"] == ph1["vllm_greedy"], name
+            assert ph0["sampled"] == ph1["sampled"], name  # every rank ends with every response
 
 
-def test_replicas_generate_disjoint_shares(pair):
+def test_replicas_generate_disjoint_shares(replicas):
     """Two rollout replicas (rollout TP1 on 2 ranks): each engine generates only its share of
     the requests (per generate call of each of the two phases: 3 greedy, then 12, 12, 12
     sampled) and every rank gets all of them back (test_ranks_agree); the log-prob checks above
     cover the replicas as well."""
-    mine = [pair[r][("replicas", 2, 1)][0]["generated_here"] for r in (0, 1)]
+    mine = [replicas[r]["generated_here"] for r in (0, 1)]
     print(f"requests generated per call: rank 0 {mine[0]}, rank 1 {mine[1]}")
     totals = [3, 12, 12, 12] * 2
     assert mine[0] == [len(range(0, n, 2)) for n in totals]
     assert mine[1] == [len(range(1, n, 2)) for n in totals]
 
 
-def test_multi_bucket_sync_is_one_reload_without_warnings(single, pair):
+def test_multi_bucket_sync_is_one_reload_without_warnings(single, pair, replicas):
     """A sync split into buckets (here one per layer) is still one reload in vLLM: each of its
     reload calls would warn for every module it did not carry. Right weights: the log-prob
     checks above run after this sync (phase 2 of each case)."""
-    for name, phases in _cases(single, pair):
+    for name, phases in _cases(single, pair, replicas):
         for ph in phases:
             print(f"{name}: {ph['sync_buckets']} bucket(s), {ph['not_loaded_warnings']} not-loaded warnings")
             assert ph["not_loaded_warnings"] == 0, name
-    for name, phases in list(_cases(single, pair))[:3]:
+    for name, phases in list(_cases(single, pair, replicas))[:3]:
         assert phases[0]["sync_buckets"] == 1 and phases[1]["sync_buckets"] == 6, name  # embed, 4 layers, norm
 
 
@@ -374,22 +393,22 @@ EXPECTED_SLEEP_CYCLE = [
 ]
 
 
-def test_sleep_cycle_discards_weights_and_wakes_in_stages(single, pair):
+def test_sleep_cycle_discards_weights_and_wakes_in_stages(single, pair, replicas):
     """The trainer's sleep -> sync cycle on the real engine (CPU vLLM: the control flow with
     no-op memory moves). Every parameter is overwritten with NaN after the sleep (what a GPU
     holds after a level-2 sleep and wake_up(tags=["weights"])), so the phase's log-prob checks
     show that the sync rewrote every weight; generating before the sync is refused."""
-    for name, phases in list(_cases(single, pair))[:3]:
+    for name, phases in list(_cases(single, pair, replicas))[:3]:
         cycle = phases[1]["sleep_cycle"]
         assert [tuple(c) for c in cycle["calls"]] == EXPECTED_SLEEP_CYCLE, (name, cycle["calls"])
         assert cycle["refused"], name
         assert cycle["discarded"] > 0 and not cycle["sleeping_after"], name
 
 
-def test_rollout_tp_disables_custom_all_reduce(single, pair):
+def test_rollout_tp_disables_custom_all_reduce(single, pair, replicas):
     """Beside sleep mode at rollout TP > 1, vLLM's custom all-reduce (IPC buffers outside the
     sleep allocator) is off; at TP1 there is nothing to disable."""
     for r in (0, 1):
         assert pair[r]["engine_kwargs"].get("disable_custom_all_reduce") is True
-        assert not pair[r]["replica_engine_kwargs"].get("disable_custom_all_reduce")
+        assert not replicas[r]["engine_kwargs"].get("disable_custom_all_reduce")
     assert not single["engine_kwargs"].get("disable_custom_all_reduce")
