@@ -52,17 +52,21 @@ def _layouts_job(layouts):
             loss = torch.zeros(())
             if ps.is_pipeline_last_stage():
                 loss = torch.stack([r["loss"] for r in res]).mean() / dp
+            local = loss.item()  # this rank's share, before any communication
             # every rank learns the global loss: sum over DP and over stages (0 off the last stage)
             dist.all_reduce(loss)
-            return (loss / tp).item()
+            return (loss / tp).item(), local
 
-        loss0 = step(tokens[0], forward_only=False)
+        loss0, local0 = step(tokens[0], forward_only=False)
         ok, grad_norm, _ = policy.optimizer.step()
-        loss1 = step(tokens[1], forward_only=True)
+        loss0_after, _ = step(tokens[0], forward_only=True)  # the same batch, after the step
+        loss1, _ = step(tokens[1], forward_only=True)
         weights = {n: t.clone() for n, t in gather.iter_hf_tensors(policy.module, arch)}
         keep = ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
-        out[(tp, pp)] = dict(loss0=loss0, loss1=loss1, grad_norm=grad_norm, ok=ok,
-                             weights=weights if keep else {})
+        rank = dict(local0=local0, dp_rank=dp_rank, tp_rank=ps.get_tensor_model_parallel_rank(),
+                    last_stage=ps.is_pipeline_last_stage())
+        out[(tp, pp)] = dict(loss0=loss0, loss0_after=loss0_after, loss1=loss1, grad_norm=grad_norm, ok=ok,
+                             dp=dp, rank=rank, weights=weights if keep else {})
     runtime.destroy()
     return out
 
@@ -76,7 +80,7 @@ def results():
         for r in per_rank:
             w.update(r[lay]["weights"])
         merged[lay] = dict(per_rank[0][lay], weights=w)
-        merged[lay]["losses_by_rank"] = [(r[lay]["loss0"], r[lay]["loss1"]) for r in per_rank]
+        merged[lay]["ranks"] = [r[lay]["rank"] for r in per_rank]
     return merged
 
 
@@ -87,18 +91,34 @@ def test_same_loss_and_grad_norm(results, layout):
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-6)
 
 
-def test_all_ranks_agree_on_the_loss(results):
+def test_every_rank_computes_its_share_of_the_loss(results):
+    """Before any communication: the TP ranks of a replica's last stage hold the same loss, other
+    stages none, and each DP replica's loss is that of its own data shard - the sum of the
+    TP1/PP1 (DP4) replicas' losses over the same samples."""
+    dp4 = {r["dp_rank"]: r["local0"] for r in results[(1, 1)]["ranks"]}
+    assert len(dp4) == 4 and len(set(dp4.values())) == 4, dp4  # 4 shards, 4 different losses
     for lay in LAYOUTS:
-        losses = results[lay]["losses_by_rank"]
-        assert all(l == pytest.approx(losses[0], rel=1e-6) for l in losses), lay
+        dp, by_replica = results[lay]["dp"], {}
+        for r in results[lay]["ranks"]:
+            if r["last_stage"]:
+                by_replica.setdefault(r["dp_rank"], []).append(r["local0"])
+            else:
+                assert r["local0"] == 0.0, (lay, r)
+        assert sorted(by_replica) == list(range(dp)), lay
+        for replica, losses in by_replica.items():
+            assert len(losses) == lay[0] and all(x == pytest.approx(losses[0], rel=1e-6) for x in losses), lay
+            span = range(replica * 4 // dp, (replica + 1) * 4 // dp)  # its DP4 shards
+            assert losses[0] == pytest.approx(sum(dp4[i] for i in span), rel=1e-6), (lay, replica)
 
 
 def test_loss_is_real(results):
-    # random init over 250 tokens: loss near ln(250); the Adam step must move it
+    # random init over 250 tokens: loss near ln(250); one Adam step must lower it on its batch
     ref = results[(1, 1)]
     assert 5.0 < ref["loss0"] < 6.0
     assert ref["ok"] and ref["grad_norm"] > 0
-    assert ref["loss1"] != ref["loss0"]
+    assert ref["loss0_after"] < ref["loss0"] - 0.05, (ref["loss0"], ref["loss0_after"])
+    for lay in LAYOUTS[1:]:
+        assert results[lay]["loss0_after"] == pytest.approx(ref["loss0_after"], rel=1e-6), lay
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
