@@ -484,3 +484,48 @@ def test_good_algorithm_kwargs_are_accepted(tiny):
     cfg = load_config(CONFIG, _args(tiny, "/tmp/x", "algo.policy_loss=clip_cov", "algo.loss_kwargs={clip_cov_ratio: 0.001}",
                                     "algo.shaper_kwargs={mu: 1, quantile: 1}", "algo.advantage_kwargs.eps=0.0001"))
     assert cfg.algo.loss_kwargs == {"clip_cov_ratio": 0.001} and cfg.algo.shaper_kwargs == {"mu": 1, "quantile": 1}
+
+# --- RNG files: read by the safe loader ----------------------------------------------------------
+
+
+def test_rng_states_are_read_by_the_safe_loader(trained):
+    """Every rank's RNG file holds tensors and plain values only, so torch.load(weights_only=True),
+    which runs no code from the file, reads it (as megatron's own common-state load does)."""
+    import torch
+
+    files = sorted((trained / "checkpoints").glob("step_*/rng/rank_*.pt"))
+    assert len(files) == 2, files
+    for f in files:
+        state = torch.load(f, weights_only=True)
+        assert {"python", "numpy", "torch", "megatron"} <= set(state), f
+
+
+class _RunsCode:
+    """Unpickled by a full pickle loader, this makes a folder: a stand-in for any code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def _resume_job(tiny, out):
+    from megatron_less.trainer.loop import train
+
+    train(load_config(CONFIG, _args(tiny, out, "checkpoint.every=1", "checkpoint.keep=4")))
+
+
+def test_rng_file_that_would_run_code_is_refused_not_run(tiny, run_copy, tmp_path):
+    """An RNG file from an untrusted source holding a pickled object: the resume stops naming the
+    file, and nothing in the file runs."""
+    import torch
+
+    from megatron_less.parallel.spawn import DistributedError, run_distributed
+
+    marker = tmp_path / "code_ran"
+    rng_file = run_copy / "checkpoints" / "step_000002" / "rng" / "rank_0.pt"
+    torch.save({"python": _RunsCode(str(marker))}, rng_file)
+    with pytest.raises(DistributedError, match=r"rank_0.pt: not an RNG state the safe loader reads"):
+        run_distributed(_resume_job, 1, (tiny, str(run_copy)), timeout=600)
+    assert not marker.exists(), "resuming ran code from the checkpoint's RNG file"

@@ -24,6 +24,7 @@ half gone.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -74,24 +75,37 @@ def _layout() -> dict:
 
 
 def _rng_state() -> dict:
+    """This rank's RNG states as tensors and plain values only (str, int, float, None, dicts), so
+    that torch.load(weights_only=True), which runs nothing from the file, reads them back."""
     from megatron.core import tensor_parallel
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()}  # fmt: skip
+    py_version, py_keys, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        # the Mersenne Twister keys are < 2**32: int64 tensors hold them exactly
+        "python": {"version": py_version, "keys": torch.tensor(py_keys, dtype=torch.int64), "gauss_next": py_gauss},
+        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "megatron": dict(tensor_parallel.get_cuda_rng_tracker().get_states()),  # name -> state tensor
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
+    """Restore what `_rng_state` saved, bit-exact."""
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["keys"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))  # fmt: skip
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["megatron"]))
 
 
 def trainer_state(run) -> dict:
@@ -253,7 +267,15 @@ def maybe_resume(run, path: Path | None) -> Path | None:
     run.sampler.load_state_dict(state["sampler"])
     run.step, run.counters = state["step"], dict(state["counters"])
     if same_layout(path):
-        rng = torch.load(path / "rng" / f"rank_{dist.get_rank()}.pt", weights_only=False)
+        rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
+        try:  # the safe loader: tensors and plain values only, nothing in the file runs
+            rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{rng_file}: not an RNG state the safe loader reads (torch.load(weights_only=True): "
+                f"{str(e).splitlines()[0]}): it holds pickled objects, as a file from an untrusted source (or from a "
+                "megatron-less before RNG files held tensors only) may; nothing in it was run"
+            ) from None
         _set_rng_state(rng)
     return path
 
