@@ -309,3 +309,43 @@ def test_train_tp2_with_vllm_tp2(tiny, tmp_path):
     rows = _rows(tmp_path / "v2")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/logprob_gap_max"] < 1e-3 for r in rows), rows
+
+# --- what a user sees ----------------------------------------------------------------------------
+
+
+def _noise(text: str) -> list[str]:
+    """Lines of third-party warnings and log chatter (Python warnings, vLLM / torch INFO and
+    WARNING log lines, C++ warnings of torch.distributed)."""
+    import re
+
+    pattern = re.compile(r"Warning\b|warnings\.warn|\bINFO\b|\bWARNING\b|^\[W\d*|^W\d{4} ")
+    return [line for line in text.splitlines() if pattern.search(line)]
+
+
+@pytest.mark.parametrize("engine", ["builtin", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_train_prints_no_third_party_warning_unless_verbose(tiny, tmp_path, engine):
+    """`megatron-less train` (tiny config, 1 step, its final checkpoint) shows none of torch's,
+    megatron-core's or vLLM's warnings and INFO lines, which a user cannot act on; --verbose
+    brings them back."""
+    import importlib.util
+
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    quieting = ("MLESS_VERBOSE", "PYTHONWARNINGS", "VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "TORCH_CPP_LOG_LEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in quieting}  # a user's plain shell
+    env["OMP_NUM_THREADS"] = "1"
+
+    def run(name, *flags):
+        cmd = [sys.executable, "-m", "megatron_less.cli", "train", str(CONFIG), *flags,
+               *_overrides(tiny, tmp_path / name, "train.steps=1", f"rollout.engine={engine}", "log.tensorboard=false")]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert [r["step"] for r in _rows(tmp_path / name)] == [1]
+        return proc.stdout + proc.stderr
+
+    quiet = run("quiet")
+    assert not _noise(quiet), "\n".join(_noise(quiet)[:20])
+    loud = run("loud", "--verbose")
+    assert "UserWarning" in loud or "FutureWarning" in loud, loud[-4000:]
+    if engine == "vllm":
+        assert any("INFO" in line for line in _noise(loud)), loud[-4000:]

@@ -1,6 +1,7 @@
 """``megatron-less train CONFIG.yaml [key.sub=value ...]``: under torchrun (any number of nodes),
 or as a plain single process (a free port is picked). The config is validated, model layout
-included, before any process group starts."""
+included, before any process group starts. Other packages' warnings and INFO logs (torch,
+megatron-core, vLLM) are hidden unless --verbose (or MLESS_VERBOSE=1) is given."""
 
 from __future__ import annotations
 
