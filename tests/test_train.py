@@ -80,8 +80,10 @@ def test_layout_checks_need_no_process_group(tiny):
     cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "batch.mini_batch_prompts=2", "batch.prompts_per_step=4"))
     with pytest.raises(ConfigError, match="mini_batch_prompts .2. must be a multiple of the data-parallel size 4"):
         check_layout(cfg, model_arch(cfg), 4)
-    if not torch.cuda.is_available():
-        cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "model.dtype=bf16"))
+    cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "model.dtype=bf16"))
+    if torch.cuda.is_available():  # accepted; tests/gpu/train_gpu.py trains it (tests/gpu/check.sh)
+        check_layout(cfg, model_arch(cfg), 1)
+    else:
         with pytest.raises(ConfigError, match="model.dtype: bf16 .* needs a GPU"):
             check_layout(cfg, model_arch(cfg), 1)
     cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "rollout.max_tokens=200"))
@@ -273,7 +275,7 @@ def test_single_process_train_with_vllm(tiny, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["rollout/logprob_gap_max"] < 1e-3, r  # fp32 on both sides: a broken sync shows up here
-        assert r["loss/total"] == r["loss/total"]  # finite
+        assert isinstance(r["loss/total"], float), r  # the logger writes non-finite values as strings
     assert (out / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
 
 
