@@ -8,7 +8,10 @@
    local-spec model -> HF is exact (both name sets go through megatron's sharded state dict).
 3. The rollout engine's sleep/wake around training, when vLLM is importable: sleeping frees
    its memory, waking and syncing gives the same greedy tokens as before sleeping.
-Prints the step time, tokens/s and weight-sync time; exits non-zero on a failed check.
+Prints the step time, tokens/s and weight-sync time ([TIME]). Result lines as
+tests/gpu/checklib.py says; exits non-zero unless a check passed and none failed; without a GPU
+it checks nothing and exits 1. The GPU counterpart of the bf16 branch of
+tests/test_train.py::test_layout_checks_need_no_process_group (bf16 is refused without CUDA).
 """
 
 from __future__ import annotations
@@ -23,15 +26,11 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch  # noqa: E402
+from checklib import Checks  # noqa: E402  (tests/gpu/ is this script's sys.path[0])
 
-FAILED: list[str] = []
+C = Checks("train_gpu")
 REPO = Path(__file__).resolve().parent.parent.parent
-
-
-def check(name: str, ok: bool, detail: str = "") -> None:
-    print(f"[{'PASS' if ok else 'FAIL'}] {name} {detail}", flush=True)
-    if not ok:
-        FAILED.append(name)
+check = C.check
 
 
 def have(*modules: str) -> bool:
@@ -54,8 +53,8 @@ def round_trip(root: Path, hf_dir: Path, train_file: Path) -> None:
 
     dist_opt = have("apex", "transformer_engine")
     if not dist_opt:
-        print("[SKIP] distributed optimizer: neither apex nor TransformerEngine is importable; "
-              "bf16 round trip with the plain megatron optimizer instead", flush=True)
+        C.skip("bf16 + distributed optimizer round trip", "neither apex nor TransformerEngine is importable "
+               "(megatron-core reloads its checkpoints only with one); the plain megatron optimizer's instead")
     common = [f"model.hf_dir={hf_dir}", f"data.train_file={train_file}", "model.dtype=bf16",
               f"optim.use_distributed_optimizer={str(dist_opt).lower()}", "rollout.engine=builtin", "rollout.n=8",
               "batch.prompts_per_step=8", "batch.mini_batch_prompts=4", "batch.micro_batch_tokens=512",
@@ -80,14 +79,15 @@ def round_trip(root: Path, hf_dir: Path, train_file: Path) -> None:
     check("optimizer state survives the round trip (weights after step 3)", differ <= 0.01,
           f"{differ:.2%} of weights differ")
     for row in _rows(root / "straight")[1:]:
-        print(f"[TIME] step {row['step']}: {row['time/step_s'] * 1e3:.0f} ms, {row['perf/tokens_per_s']:,.0f} "
-              f"tokens/s, weight sync {row.get('time/weight_sync_s', float('nan')) * 1e3:.1f} ms "
-              f"(tiny model, built-in sampler); peak memory {peak:.2f} GiB", flush=True)
+        C.time(f"step {row['step']}: {row['time/step_s'] * 1e3:.0f} ms, {row['perf/tokens_per_s']:,.0f} "
+               f"tokens/s, weight sync {row.get('time/weight_sync_s', float('nan')) * 1e3:.1f} ms "
+               f"(tiny model, built-in sampler); peak memory {peak:.2f} GiB")
 
 
 def te_spec(root: Path, hf_dir: Path) -> None:
     if not have("transformer_engine"):
-        print("[SKIP] TransformerEngine layer spec: transformer_engine is not importable", flush=True)
+        C.skip("TransformerEngine layer spec (HF -> TE model -> checkpoint -> local model -> HF)",
+               "transformer_engine is not importable")
         return
     from megatron_less.checkpoints.hf import HFCheckpoint
     from megatron_less.checkpoints.model import load_checkpoint, save_checkpoint
@@ -109,7 +109,7 @@ def te_spec(root: Path, hf_dir: Path) -> None:
 
 def sleep_wake(root: Path, hf_dir: Path) -> None:
     if not have("vllm"):
-        print("[SKIP] vLLM sleep/wake: vllm is not importable", flush=True)
+        C.skip("vLLM sleep frees memory; wake + sync gives the same greedy tokens", "vllm is not importable")
         return
     from megatron_less.checkpoints.hf import HFCheckpoint
     from megatron_less.models import qwen2
@@ -138,8 +138,8 @@ def sleep_wake(root: Path, hf_dir: Path) -> None:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("train_gpu: needs a GPU (bf16 training is refused on CPU)")
-        return 1
+        C.skip("every check of train_gpu", "no GPU (bf16 training is refused on CPU)")
+        return C.finish()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29512"),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from megatron_less.parallel import runtime
@@ -149,13 +149,15 @@ def main() -> int:
           f"{have('apex')}/{have('transformer_engine')}, vLLM: {have('vllm')}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="mless-gpu-"))
     hf_dir, train_file = train_fixtures.make_model(root)
-    round_trip(root, hf_dir, train_file)
+    with C.guard("bf16 training round trip (ran without an error)"):
+        round_trip(root, hf_dir, train_file)
     runtime.initialize(1, 1, seed=1)
-    te_spec(root, hf_dir)
-    sleep_wake(root, hf_dir)
+    with C.guard("TransformerEngine layer spec (ran without an error)"):
+        te_spec(root, hf_dir)
+    with C.guard("vLLM sleep/wake (ran without an error)"):
+        sleep_wake(root, hf_dir)
     runtime.destroy()
-    print(f"train_gpu: {len(FAILED)} failed: {FAILED}" if FAILED else "train_gpu: all checks passed")
-    return 1 if FAILED else 0
+    return C.finish()
 
 
 if __name__ == "__main__":
