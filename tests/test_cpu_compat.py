@@ -32,6 +32,9 @@ SINGLE_PROCESS = [
 ]
 # Order matters: a failed p2p transfer leaves the process group broken, so it goes last.
 PIPELINE = ["tied_embedding_sync", None, "p2p_device"]
+# bf16 + the distributed optimizer (the recipes' numerics): a step, a checkpoint of model and
+# optimizer, a load into a fresh optimizer (the last two patches apply without apex/TE)
+BF16_DISTRIBUTED = ["optimizer_type_names", "distrib_state_dict_fresh", "distrib_load_shared_step"]
 
 
 def _train_step_without(tp, pp, names):
@@ -96,6 +99,77 @@ def _train_step_without(tp, pp, names):
     return out
 
 
+def _bf16_distributed_roundtrip_without(names):
+    """Per patch removed: a bf16 model under the distributed optimizer takes a step, is saved
+    with its optimizer state (dp_reshardable) and loaded into a fresh one; the loaded state must
+    equal the saved one, each parameter with its own Adam step. Returns errors as above."""
+    import tempfile
+
+    from megatron_less.checkpoints.model import load_with, save_checkpoint
+    from megatron_less.models import qwen2
+    from megatron_less.models.policy import OptimConfig, build_policy, forward_backward
+    from tests import tiny
+
+    hf = dict(tiny.BASE, num_hidden_layers=2)
+    arch = qwen2.Qwen2Arch.from_hf(hf)
+    fmt = {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
+    weights = tiny.hf_model(0, num_hidden_layers=2).state_dict()
+
+    def build():
+        return build_policy(arch, params_dtype=torch.bfloat16, hf_weights=weights,
+                            optim=OptimConfig(use_distributed_optimizer=True))
+
+    def inner(policy):
+        return [o.optimizer for o in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer])]
+
+    out = {}
+    for name in names:
+        ctx = mcore_compat.without(name) if name else contextlib.nullcontext()
+        with ctx:
+            try:
+                policy = build()
+                toks = torch.randint(0, arch.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+
+                def fwd(it, model):
+                    t = next(it)
+                    return model(t[:, :-1], torch.arange(8).expand(1, 8), None, labels=t[:, 1:]), \
+                        lambda o: (o.float().mean(), {})
+
+                forward_backward(policy, list(toks.chunk(2)), fwd, num_microbatches=2, seq_length=8, micro_batch_size=1)
+                policy.optimizer.step()
+                saved = [t.clone() for o in inner(policy) for g in o.param_groups for p in g["params"]
+                         for t in (p.detach(), *(v for _, v in sorted(o.state[p].items())))]  # fmt: skip
+                with tempfile.TemporaryDirectory() as d:
+                    extra = {"optimizer": policy.optimizer.sharded_state_dict(policy.module.sharded_state_dict(), **fmt)}
+                    save_checkpoint(policy.module, os.path.join(d, "ckpt"), arch, hf_config=hf, extra_sharded=extra)
+                    fresh = build()
+                    extra = {"optimizer": fresh.optimizer.sharded_state_dict(fresh.module.sharded_state_dict(),
+                                                                             is_loading=True, **fmt)}
+                    _, loaded = load_with(fresh.module, os.path.join(d, "ckpt"), arch, extra)
+                    fresh.optimizer.load_state_dict(loaded["optimizer"])
+                states = [o.state[p] for o in inner(fresh) for g in o.param_groups for p in g["params"]]
+                got = [t for o in inner(fresh) for g in o.param_groups for p in g["params"]
+                       for t in (p.detach(), *(v for _, v in sorted(o.state[p].items())))]  # fmt: skip
+                steps = [s["step"] for s in states]
+                if len({id(t) for t in steps}) != len(steps) or any(float(t) != 1.0 for t in steps):
+                    raise AssertionError(f"wrong Adam steps after the load: {sorted({float(t) for t in steps})} in "
+                                         f"{len({id(t) for t in steps})} tensors for {len(steps)} parameters")
+                if len(got) != len(saved) or not all(torch.equal(a, b) for a, b in zip(saved, got)):
+                    raise AssertionError("the loaded optimizer state differs from the saved one")
+                out[name] = None
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"{type(e).__name__}: {e}"
+                frames = _megatron_frames(traceback.extract_tb(e.__traceback__))
+                out[f"where:{name}"] = frames[-1] if frames else None
+    return out
+
+
+def _single_job(names, bf16_names):
+    out = _train_step_without(1, 1, names)
+    out["bf16"] = _bf16_distributed_roundtrip_without(bf16_names)
+    return out
+
+
 def _megatron_frames(frames) -> list[str]:
     """'megatron.core.module:function' for each megatron-core frame of a stack, outermost first."""
     spots = []
@@ -113,7 +187,7 @@ def _at_the_patched_call(name, err, where) -> bool:
     'torch.cuda.FloatTensor' assert of grad clipping)."""
     if where is None:
         return False
-    targets = mcore_compat.PATCHES[name].targets
+    targets = {**mcore_compat.PATCHES, **mcore_compat.TORCH_ADAM_PATCHES}[name].targets
     functions = {attr.rsplit(".", 1)[-1] for attrs in targets.values() for attr in attrs if attr != "torch"}
     module, function = where.split(":")
     return (module in targets and "CUDA" in err) or function in functions
@@ -121,7 +195,7 @@ def _at_the_patched_call(name, err, where) -> bool:
 
 @pytest.fixture(scope="module")
 def single():
-    return run_distributed(_train_step_without, 1, (1, 1, [None] + SINGLE_PROCESS), timeout=300)[0]
+    return run_distributed(_single_job, 1, ([None] + SINGLE_PROCESS, [None] + BF16_DISTRIBUTED), timeout=400)[0]
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +205,14 @@ def pipeline():
 
 @cpu_only
 def test_every_patch_is_covered():
-    assert set(SINGLE_PROCESS) | {n for n in PIPELINE if n} == set(mcore_compat.PATCHES)
+    covered = set(SINGLE_PROCESS) | {n for n in PIPELINE if n} | set(BF16_DISTRIBUTED)
+    assert covered == set(mcore_compat.PATCHES) | set(mcore_compat.TORCH_ADAM_PATCHES)
 
 
 @cpu_only
 def test_step_works_with_all_patches(single, pipeline):
     assert single[None] is None
+    assert single["bf16"][None] is None  # bf16 + distributed optimizer: step, save, exact reload
     assert [r[None] for r in pipeline] == [None, None]
 
 
@@ -147,6 +223,21 @@ def test_patch_still_needed(single, name):
     assert err is not None, f"megatron-core no longer needs patch {name!r}: remove it"
     # the failure must be the patched call's, not any error on the way
     assert _at_the_patched_call(name, err, single[f"where:{name}"]), (err, single[f"where:{name}"])
+
+
+@cpu_only
+@pytest.mark.parametrize("name", BF16_DISTRIBUTED)
+def test_bf16_distributed_patch_still_needed(single, name):
+    if name in mcore_compat.TORCH_ADAM_PATCHES and not mcore_compat.torch_adam_fallback():
+        pytest.skip("apex or TE importable: megatron's optimizers do not run on torch's Adam here")
+    err, where = single["bf16"][name], single["bf16"][f"where:{name}"]
+    assert err is not None, f"megatron-core no longer needs patch {name!r}: remove it"
+    if name == "distrib_load_shared_step":  # a silent error: the state it loads is wrong
+        assert err.startswith("AssertionError: wrong Adam steps after the load"), err
+    elif name == "optimizer_type_names":  # megatron's refusal of the parameters' type names
+        assert "Received torch.BFloat16Tensor" in err and where.startswith("megatron.core.optimizer."), (err, where)
+    else:
+        assert _at_the_patched_call(name, err, where), (err, where)
 
 
 @cpu_only

@@ -73,12 +73,13 @@ def check_files(ckpt_dir: str | os.PathLike) -> None:
     ckpt_dir = os.fspath(ckpt_dir)
     read_metadata(ckpt_dir)
     try:
-        storage = FileSystemReader(ckpt_dir).read_metadata().storage_data
+        index = FileSystemReader(ckpt_dir).read_metadata()
+        storage = index.storage_data
     except Exception as e:  # noqa: BLE001 - any failure to read it means the same thing
         raise CheckpointError(f"{ckpt_dir}: the torch_dist index (.metadata) is unreadable: "
                               f"{type(e).__name__}: {e}") from None
     need: dict[str, int] = {}
-    if not any(index.fqn == "common_state" for index in storage):
+    if not any(key.split("/", 1)[0] == "common_state" for key in index.state_dict_metadata):
         need["common.pt"] = 1  # megatron-core < 0.19 keeps its common state in its own file
     for info in storage.values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)

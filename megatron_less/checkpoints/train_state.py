@@ -126,7 +126,7 @@ def save(run) -> Path:
     out = checkpoints_dir(run.out_dir) / f"step_{run.step:06d}"
     module, optimizer = run.policy.module, run.policy.optimizer
     check_finite(run)
-    extra = {"optimizer": optimizer.sharded_state_dict(module.sharded_state_dict())}
+    extra = {"optimizer": optimizer.sharded_state_dict(module.sharded_state_dict(), **_optimizer_format(run.cfg))}
     rank = dist.get_rank()
 
     def on_disk(tmp: str) -> None:
@@ -145,6 +145,16 @@ def save(run) -> Path:
     return out
 
 
+def _optimizer_format(cfg) -> dict:
+    """The distributed optimizer's checkpoint format: megatron's default for it
+    (fully_sharded_model_space) is deprecated and refused by its own save in 0.16 and 0.19, and
+    fully_reshardable gathers through CUDA; dp_reshardable (Megatron-LM's default) is what both
+    versions save and load. It reloads at the same TP/PP only (check_resume says so)."""
+    if not cfg.optim.use_distributed_optimizer:
+        return {}
+    return {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
+
+
 def check_finite(run) -> None:
     """Collective: every rank checks its weights and optimizer state; any non-finite value on any
     rank raises CheckpointError on every rank, naming the first tensor and its rank."""
@@ -154,7 +164,7 @@ def check_finite(run) -> None:
             bad = f"weight {name}"
             break
     if bad is None:
-        bad = next((f"optimizer state {where}" for where, t in _tensors(run.policy.optimizer.state_dict())
+        bad = next((where for where, t in _optimizer_tensors(run.policy.optimizer)
                     if t.is_floating_point() and not torch.isfinite(t).all()), None)  # fmt: skip
     found = [None] * dist.get_world_size()
     dist.all_gather_object(found, bad)
@@ -164,16 +174,21 @@ def check_finite(run) -> None:
                               f"the checkpoints already in {checkpoints_dir(run.out_dir)} are kept")
 
 
-def _tensors(obj, where: str = ""):
-    """(path, tensor) of every tensor in a nested dict/list (an optimizer's state dict)."""
-    if torch.is_tensor(obj):
-        yield where, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{where}[{i}]")
+def _optimizer_tensors(optimizer):
+    """(name, tensor) of everything this rank's optimizer keeps: the parameters its inner torch
+    optimizer updates (the fp32 main parameters under bf16; this rank's shards of them under the
+    distributed optimizer) and their state. Read from the inner optimizer, not from
+    ``optimizer.state_dict()``: megatron's DistributedOptimizer leaves the Adam state out of that."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    for c, megatron_opt in enumerate(chained):
+        inner = megatron_opt.optimizer
+        for g, group in enumerate(inner.param_groups):
+            for i, p in enumerate(group["params"]):
+                where = f"{c}.{g}.{i}" if len(chained) > 1 else f"{g}.{i}"
+                yield f"optimizer main param {where}", p.detach()
+                for key, value in inner.state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        yield f"optimizer state {where} {key}", value
 
 
 def _prune(out_dir, keep: int) -> None:
@@ -233,6 +248,18 @@ def check_resume(cfg, arch, num_prompts: int) -> Path | None:
         lost = [r for r in range(here["world"]) if not (path / "rng" / f"rank_{r}.pt").is_file()]
         if lost:
             raise CheckpointError(f"{path / 'rng'}: no RNG state for rank(s) {lost} (the checkpoint is incomplete)")
+    saved_dist = _get(state["config"], "optim.use_distributed_optimizer") is True
+    if saved_dist != cfg.optim.use_distributed_optimizer:
+        raise CheckpointError(
+            f"checkpoint.resume: {path} was saved with optim.use_distributed_optimizer={saved_dist}, this config "
+            f"has {cfg.optim.use_distributed_optimizer}; the two keep their optimizer state in different formats "
+            "(set it back, or start a new output_dir from this checkpoint's model with model.checkpoint)")
+    if saved_dist and (state["layout"]["tp"], state["layout"]["pp"]) != (here["tp"], here["pp"]):
+        raise CheckpointError(
+            f"checkpoint.resume: {path} was saved at tp={state['layout']['tp']} pp={state['layout']['pp']} with the "
+            f"distributed optimizer, whose state reloads only at the same TP and PP (megatron's dp_reshardable "
+            f"format; the data-parallel size may change); this run has tp={here['tp']} pp={here['pp']}. Resume at "
+            "the saved TP/PP, or start a new output_dir from this checkpoint's model with model.checkpoint")
     now = cfg.model_dump()
     for key in SCHEDULE_KEYS:
         if _get(state["config"], key) != _get(now, key):
@@ -260,7 +287,8 @@ def maybe_resume(run, path: Path | None) -> Path | None:
         return None
     state = read_json(path / STATE_FILE)
     module, optimizer = run.policy.module, run.policy.optimizer
-    extra = {"optimizer": optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True)}
+    extra = {"optimizer": optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True,
+                                                       **_optimizer_format(run.cfg))}
     _, loaded = load_with(module, path, run.arch, extra)
     optimizer.load_state_dict(loaded["optimizer"])  # restores fp32 master weights too (bf16)
     run.scheduler.load_state_dict(state["scheduler"])

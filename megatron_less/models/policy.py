@@ -46,6 +46,11 @@ def build_model_stage(arch: qwen2.Qwen2Arch, *, tp: int, pp: int, params_dtype: 
     ``qwen2.layer_spec``; ``config_overrides``: TransformerConfig fields (e.g. recompute_*)."""
     config = qwen2.transformer_config(arch, tp=tp, pp=pp, params_dtype=params_dtype, **config_overrides)
     module = qwen2.build_model(arch, config, attention=attention)
+    # The local spec's norms are torch modules, built in the default dtype (fp32) whatever
+    # params_dtype says; a model of mixed dtypes breaks megatron's distributed optimizer (its
+    # shard order disagrees with its parameter map inside a param group that mixes fp32 and bf16),
+    # so the whole stage takes params_dtype, as Megatron-LM's Float16Module does.
+    module.to(dtype=params_dtype)
     if hf_weights is not None:
         qwen2.load_hf_weights(module, hf_weights, arch)
     if torch.cuda.is_available():

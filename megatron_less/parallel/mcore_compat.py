@@ -185,6 +185,39 @@ def _sync_tied_embedding_on_cpu(method):
     return wrapper
 
 
+def _cuda_type_names_while_building(build):
+    """megatron's mixed-precision and distributed optimizers sort the parameters they wrap by
+    ``param.type()`` against ``'torch.cuda.BFloat16Tensor'``-style names and refuse any other
+    (CPU names included); the checks run only while the optimizer is built. For that call each
+    parameter of the model answers ``type()`` with its CUDA name (an instance attribute shadowing
+    the method on that parameter object only, removed after); nothing process-wide."""
+
+    def wrapper(config, model_chunks, *args, **kwargs):
+        params = [p for chunk in model_chunks for p in chunk.parameters()]
+        for p in params:
+            p.type = _cuda_named(p)
+        try:
+            return build(config, model_chunks, *args, **kwargs)
+        finally:
+            for p in params:
+                del p.type
+
+    wrapper.__name__ = build.__name__
+    return wrapper
+
+
+def _cuda_named(tensor):
+    real = type(tensor).type  # the method, unbound
+
+    def named(*args, **kwargs):
+        name = real(tensor, *args, **kwargs)
+        if args or kwargs or tensor.is_cuda:
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    return named
+
+
 def _torch_proxy(*modules: str) -> dict[str, dict[str, Callable[[], object]]]:
     return {m: {"torch": lambda: _TORCH_ON_CPU} for m in modules}
 
@@ -262,6 +295,13 @@ PATCHES: dict[str, Patch] = {
             },
         ),
         Patch(
+            "optimizer_type_names",
+            "the mixed-precision (bf16) and distributed optimizers accept only parameters whose "
+            "type() is a 'torch.cuda.*Tensor' name",
+            # policy.py looks the function up on the package at call time
+            {"megatron.core.optimizer": {"get_megatron_optimizer": _cuda_type_names_while_building}},
+        ),
+        Patch(
             "tied_embedding_sync",
             "PP stages sharing the embedding move it with weight.data.cuda() before all-reduce",
             {
@@ -287,34 +327,103 @@ PATCHES: dict[str, Patch] = {
     ]
 }
 
-_applied = False
+# --- without apex / TransformerEngine -----------------------------------------------------------
+# megatron's distributed optimizer falls back to torch's Adam, which keeps a ``step`` tensor per
+# parameter where apex/TE keep one per param group; its checkpoint code for that fallback is
+# broken in 0.16 and 0.19 alike. Applied wherever megatron found neither (CUDA or not).
+
+def _distrib_state_dict_primed(method):
+    """``DistributedOptimizer.state_dict`` asserts that every parameter's state holds one common
+    ``step``; a fresh optimizer (a resume builds one, then asks for its sharded state to load into)
+    has no state at all. Adam's state before its first update is zeros and step 0, exactly what
+    torch's Adam would create itself, so that state is made first."""
+
+    def wrapper(self, *args, **kwargs):
+        inner = self.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state.get(p):
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}  # fmt: skip
+        return method(self, *args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+def _distrib_load_state_dict_unshared(method):
+    """``DistributedOptimizer.load_state_dict`` gives every parameter the *same* ``step`` tensor
+    object (torch's Adam then increments it once per parameter at each update), and then
+    overwrites it with the step of the loading template (the live optimizer's, 0 for a fresh
+    one) instead of the checkpoint's, which it saved in each param group. Each parameter gets
+    its own tensor holding the saved step. The load also copies into fp32 main parameters that
+    are views of leaves needing grad (fp32 models), which autograd refuses outside no_grad."""
+
+    def wrapper(self, state_dict, *args, **kwargs):
+        with torch.no_grad():
+            out = method(self, state_dict, *args, **kwargs)
+        saved = {float(g["step"]) for g in state_dict["optimizer"]["param_groups"] if g.get("step") is not None}
+        if len(saved) > 1:
+            raise RuntimeError(f"optimizer checkpoint holds several Adam steps {sorted(saved)}; expected one")
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = torch.tensor(next(iter(saved)) if saved else float(state["step"]))
+        return out
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+_DISTRIB = "megatron.core.optimizer.distrib_optimizer"
+TORCH_ADAM_PATCHES: dict[str, Patch] = {
+    p.name: p
+    for p in [
+        Patch(
+            "distrib_state_dict_fresh",
+            "DistributedOptimizer.state_dict asserts one common Adam step, and a fresh optimizer has none",
+            {_DISTRIB: {"DistributedOptimizer.state_dict": _distrib_state_dict_primed}},
+        ),
+        Patch(
+            "distrib_load_shared_step",
+            "DistributedOptimizer.load_state_dict shares one step tensor among all parameters "
+            "and copies into views of leaves needing grad",
+            {_DISTRIB: {"DistributedOptimizer.load_state_dict": _distrib_load_state_dict_unshared}},
+        ),
+    ]
+}
+
+_applied: set[str] = set()
 
 
 def needed() -> bool:
     return not torch.cuda.is_available()
 
 
+def torch_adam_fallback() -> bool:
+    """Whether megatron's optimizers run on torch's Adam (neither apex nor TE found)."""
+    return not importlib.import_module(_DISTRIB).HAVE_APEX_OR_TE
+
+
 def apply() -> bool:
-    """Apply every patch once, if CUDA is absent. Returns whether patches are active."""
-    global _applied
-    if not needed():
-        return False
-    if not _applied:
-        for p in PATCHES.values():
+    """Apply the CPU patches once if CUDA is absent, and the torch-Adam ones once if megatron
+    found neither apex nor TE. Returns whether the CPU patches are active."""
+    wanted = ({**PATCHES} if needed() else {}) | (TORCH_ADAM_PATCHES if torch_adam_fallback() else {})
+    for name, p in wanted.items():
+        if name not in _applied:
             p.apply()
-        _applied = True
-    return True
+            _applied.add(name)
+    return needed()
 
 
 @contextlib.contextmanager
 def without(name: str) -> Iterator[None]:
     """Temporarily remove one patch (tests use it to prove the patch is still needed)."""
-    patch = PATCHES[name]
+    patch = {**PATCHES, **TORCH_ADAM_PATCHES}[name]
     patch.revert()
     try:
         yield
     finally:
-        if _applied:
+        if name in _applied:
             patch.apply()
 
 

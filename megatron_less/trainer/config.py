@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -25,7 +24,7 @@ class ModelCfg(_Section):
     hf_dir: str | None = None  # an HF Qwen2/Qwen2.5 folder to start from
     checkpoint: str | None = None  # or a megatron-less checkpoint (convert-hf output)
     tokenizer: str | None = None  # default: hf_dir
-    # bf16 needs a GPU (megatron's mixed-precision optimizer keeps fp32 master weights)
+    # bf16: bf16 weights, fp32 main weights in megatron's mixed-precision optimizer (CPU too)
     dtype: Literal["fp32", "bf16"] = "fp32"
     # speed and memory knobs; each description says what it trades
     fused_lm_head: bool = Field(True, description=(
@@ -140,7 +139,8 @@ class OptimCfg(_Section):
     adam_beta2: float = Field(0.999, ge=0, lt=1)  # Adam beta2
     adam_eps: float = Field(1e-8, gt=0)  # Adam epsilon
     clip_grad: float = Field(1.0, ge=0)  # global gradient-norm clip (0: off)
-    # shard optimizer state over data-parallel ranks (needs apex or TE)
+    # shard optimizer state (fp32 main weights, Adam moments) over data-parallel ranks; its
+    # checkpoints reload at the same TP/PP only (any DP size)
     use_distributed_optimizer: bool = False
 
 
@@ -359,15 +359,6 @@ def check_layout(cfg: Config, arch, world_size: int) -> int:
         )
     if world_size % cfg.rollout.rollout_tp:
         raise ConfigError(f"rollout.rollout_tp ({cfg.rollout.rollout_tp}) must divide the world size {world_size}")
-    if cfg.optim.use_distributed_optimizer and not _have_apex_or_te():
-        raise ConfigError(
-            "optim.use_distributed_optimizer: megatron-core's distributed optimizer does not reload its "
-            "checkpoints without apex/TransformerEngine (see docs/architecture.md); set it false on this machine"
-        )
-    if cfg.model.dtype == "bf16" and not torch.cuda.is_available():
-        # megatron-core's mixed-precision optimizer accepts only torch.cuda tensor types
-        raise ConfigError("model.dtype: bf16 training (megatron's mixed-precision optimizer) needs a GPU; "
-                          "use fp32 on CPU")
     limit = arch.max_position_embeddings
     if cfg.data.max_prompt_tokens + cfg.rollout.max_tokens > limit:
         raise ConfigError(
@@ -375,12 +366,6 @@ def check_layout(cfg: Config, arch, world_size: int) -> int:
             f"exceeds the model's max_position_embeddings {limit}"
         )
     return dp
-
-
-def _have_apex_or_te() -> bool:
-    import importlib.util
-
-    return any(importlib.util.find_spec(m) for m in ("apex", "transformer_engine"))
 
 
 def dump(cfg: Config) -> str:
