@@ -80,12 +80,9 @@ def test_layout_checks_need_no_process_group(tiny):
     cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "batch.mini_batch_prompts=2", "batch.prompts_per_step=4"))
     with pytest.raises(ConfigError, match="mini_batch_prompts .2. must be a multiple of the data-parallel size 4"):
         check_layout(cfg, model_arch(cfg), 4)
-    cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "model.dtype=bf16"))
-    if torch.cuda.is_available():  # accepted; tests/gpu/train_gpu.py trains it (tests/gpu/check.sh)
-        check_layout(cfg, model_arch(cfg), 1)
-    else:
-        with pytest.raises(ConfigError, match="model.dtype: bf16 .* needs a GPU"):
-            check_layout(cfg, model_arch(cfg), 1)
+    # bf16 and the distributed optimizer train on CPU too (tests/test_users_stack.py)
+    cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "model.dtype=bf16", "optim.use_distributed_optimizer=true"))
+    assert check_layout(cfg, model_arch(cfg), 2) == 2
     cfg = load_config(CONFIG, _overrides(tiny, "/tmp/x", "rollout.max_tokens=200"))
     with pytest.raises(ConfigError, match="max_position_embeddings 128"):
         check_layout(cfg, model_arch(cfg), 1)
@@ -311,6 +308,7 @@ def test_train_tp2_with_vllm_tp2(tiny, tmp_path):
     rows = _rows(tmp_path / "v2")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/logprob_gap_max"] < 1e-3 for r in rows), rows
+
 
 # --- what a user sees ----------------------------------------------------------------------------
 
