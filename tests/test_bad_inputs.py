@@ -501,6 +501,7 @@ def test_good_algorithm_kwargs_are_accepted(tiny):
                                     "algo.shaper_kwargs={mu: 1, quantile: 1}", "algo.advantage_kwargs.eps=0.0001"))
     assert cfg.algo.loss_kwargs == {"clip_cov_ratio": 0.001} and cfg.algo.shaper_kwargs == {"mu": 1, "quantile": 1}
 
+
 # --- RNG files: read by the safe loader ----------------------------------------------------------
 
 
