@@ -134,17 +134,20 @@ def save_checkpoint(model, out: str | os.PathLike, arch: Qwen2Arch, *, hf_config
     tmp = partial_dir(out)
     rank0_then_all(prepare_output_dir, out)
     dtype = next(model.parameters()).dtype
-    failure = None
+    failure, issues = None, None
     try:
-        with mcore_compat.sync_save() as deferred:  # no Manager process; rank 0's own writes' errors
+        with mcore_compat.sync_save() as issues:  # no Manager process; rank 0's own writes' errors
             dist_checkpointing.save({**model.sharded_state_dict(), **(extra_sharded or {})}, tmp)
-        if deferred:
-            raise deferred[0]
+        if issues.deferred:
+            raise issues.deferred[0]
         if on_disk is not None:
             on_disk(tmp)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below, raised on every rank
         lines = str(e).strip().splitlines() or [""]  # torch's CheckpointException: tracebacks, cause last
         failure = f"rank {dist.get_rank()}: {type(e).__name__}: {lines[-1]}"
+        logged = issues.writer_errors[0] if issues is not None and issues.writer_errors else ""
+        if logged.split("error: ", 1)[-1] not in failure:  # the shard writer's own words (e.g. the disk)
+            failure += f" [{logged}]"
     # every rank's files are on disk (or some rank failed) before the folder is published; all
     # ranks learn of any rank's failure, so none waits for a publish that will not come
     failures = [None] * dist.get_world_size()

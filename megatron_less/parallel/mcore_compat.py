@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import queue
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -429,8 +430,27 @@ def without(name: str) -> Iterator[None]:
 
 # --- all platforms ------------------------------------------------------------------------------
 
+@dataclass
+class SaveIssues:
+    """What ``sync_save`` collected: rank 0's deferred write errors, and the errors megatron's
+    shard writer only logged (0.19 raises "Worker failure ... <class 'OSError'>" and leaves the
+    message, e.g. "No space left on device", to its log)."""
+
+    deferred: list = field(default_factory=list)
+    writer_errors: list = field(default_factory=list)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list):
+        super().__init__(logging.ERROR)
+        self.into = into
+
+    def emit(self, record):
+        self.into.append(record.getMessage())
+
+
 @contextlib.contextmanager
-def sync_save() -> Iterator[list]:
+def sync_save() -> Iterator[SaveIssues]:
     """Around a synchronous ``dist_checkpointing.save``: the torch_dist writer hands its results
     back through a queue from ``filesystem_async.[_]get_write_results_queue``, always a
     ``multiprocessing`` Manager queue (made for async saves, whose writer is another process).
@@ -442,15 +462,17 @@ def sync_save() -> Iterator[list]:
     Second, rank 0 writes files outside the collective part of the save (``metadata.json``
     before a barrier after it; on 0.16 also ``common.pt`` before it). An error there (a full
     disk) would leave rank 0 outside the collectives the other ranks wait in: a hang. Within the
-    block those writes defer their error instead: it is appended to the yielded list, the save goes on
-    in step on every rank, and the caller raises it on every rank afterwards
+    block those writes defer their error instead: it is appended to ``SaveIssues.deferred``, the
+    save goes on in step on every rank, and the caller raises it on every rank afterwards
     (checkpoints.model.save_checkpoint). tests/test_reliability.py's full-disk case on rank 0
-    hangs without this."""
+    hangs without this. Third, the shard writer's logged errors are kept in
+    ``SaveIssues.writer_errors`` for the caller's message."""
     from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies import common
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
 
-    deferred: list = []
+    issues = SaveIssues()
+    deferred = issues.deferred
 
     def deferring(fn):
         @functools.wraps(fn)
@@ -473,9 +495,12 @@ def sync_save() -> Iterator[list]:
     saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in swaps]
     for owner, name, new in swaps:
         setattr(owner, name, new)
+    writer_log, collect = logging.getLogger(fsa.__name__), _Collect(issues.writer_errors)
+    writer_log.addHandler(collect)
     try:
-        yield deferred
+        yield issues
     finally:
+        writer_log.removeHandler(collect)
         for owner, name, orig in saved:
             setattr(owner, name, orig)
 
