@@ -78,6 +78,10 @@ def test_registry_lookup_and_errors():
         algos.get_policy_loss("ppo")
     with pytest.raises(ValueError, match="already registered"):
         algos.register_advantage("grpo")(lambda r, g: r)
+    # the refused registration left the original's group-size rule alone
+    from megatron_less.algos.registry import min_group_size
+
+    assert min_group_size("grpo") == 2
 
 
 def test_register_new_algorithm_in_one_place():

@@ -41,7 +41,8 @@ class KwargError(ValueError):
         self.key, self.reason = key, reason
 
 
-def _register(kind: str, name: str, check: Callable[..., None] | None = None) -> Callable[[Callable], Callable]:
+def _register(kind: str, name: str, check: Callable[..., None] | None = None,
+              min_group_size: int | None = None) -> Callable[[Callable], Callable]:
     table = _REGISTRIES[kind]
 
     def deco(fn: Callable) -> Callable:
@@ -49,9 +50,12 @@ def _register(kind: str, name: str, check: Callable[..., None] | None = None) ->
             raise ValueError(
                 f"{kind} {name!r} is already registered (by {table[name].__module__}.{table[name].__qualname__})"
             )
+        # only a registration that succeeds records anything (a refused one must not touch the original's)
         table[name] = fn
         if check is not None:
             _CHECKS[(kind, name)] = check
+        if min_group_size is not None:
+            _MIN_GROUP[name] = min_group_size
         return fn
 
     return deco
@@ -66,8 +70,7 @@ def _get(kind: str, name: str) -> Callable:
 
 
 def register_advantage(name: str, *, check: Callable[..., None] | None = None, min_group_size: int = 1):
-    _MIN_GROUP[name] = min_group_size
-    return _register("advantage", name, check)
+    return _register("advantage", name, check, min_group_size)
 
 
 def register_shaper(name: str, *, check: Callable[..., None] | None = None):
