@@ -1,4 +1,4 @@
-"""Every patch of megatron-core (``parallel/mcore_compat.py``) is still needed: removing a CPU
+"""Every patch of megatron-core (``parallel/mcore_compat/``) is still needed: removing a CPU
 patch breaks a real training step; saving without ``sync_save`` starts a Manager process that
 re-imports ``__main__``.
 
