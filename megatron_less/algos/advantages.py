@@ -70,6 +70,25 @@ def _drgrpo_alias(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Ten
     return drgrpo_advantages(rewards, group_index)
 
 
+def group_has_signal(values: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """[G] bool, G = group_index.max() + 1: True where a group's values are not all equal (DAPO's
+    dynamic sampling keeps those groups). Exact comparison, not std > eps: rewards of a group that all
+    equal 1.0 carry no signal however they are stored. Groups absent from group_index: False."""
+    if values.dim() != 1 or group_index.shape != values.shape:
+        raise ValueError(
+            f"values and group_index must both be [B]; got {tuple(values.shape)}, {tuple(group_index.shape)}"
+        )
+    idx = group_index.long()
+    if idx.numel() and int(idx.min()) < 0:
+        raise ValueError(f"group_index must be >= 0 (got {int(idx.min())})")
+    n = int(idx.max()) + 1 if idx.numel() else 0
+    v = values.detach()
+    v = v.to(torch.int8) if v.dtype == torch.bool else v  # scatter_reduce takes no bool
+    hi = v.new_zeros(n).scatter_reduce(0, idx, v, "amax", include_self=False)
+    lo = v.new_zeros(n).scatter_reduce(0, idx, v, "amin", include_self=False)
+    return hi != lo  # an absent group keeps 0 == 0
+
+
 @register_shaper("none")
 def broadcast_advantages(advantages: torch.Tensor, batch, **_unused) -> tuple[torch.Tensor, dict]:
     """No shaping: every valid token of a response gets the response's advantage."""

@@ -5,13 +5,15 @@ Every registered policy loss has the signature
     loss_fn(log_prob, old_log_prob, advantages, response_mask, *, loss_agg_mode="token-mean",
             global_num_tokens=None, global_num_seqs=None, max_response_len=None,
             ref_log_prob=None, kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0,
-            **loss_specific) -> (loss, metrics)
+            rollout_is_weights=None, **loss_specific) -> (loss, metrics)
 
 Each computes its per-token loss and hands it, with those common keywords, to `finish_policy_loss`
 (aggregation, KL and entropy terms, metrics): the one place they are assembled.
 
 log_prob / old_log_prob / ref_log_prob / entropy are [B, T]; advantages are [B, T] (shaped) or [B];
-response_mask is [B, T]. metrics is a dict of detached 0-d float tensors (so the trainer can reduce
+response_mask is [B, T]. rollout_is_weights ([B, T] or None) come from a rollout correction
+(`rollout_correction`); a correction that rejects tokens does so through the response_mask the caller
+passes (its ``keep & mask``). metrics is a dict of detached 0-d float tensors (so the trainer can reduce
 them across ranks in one call).
 
 Micro-batching: a loss is a mean over the *global* batch, not over each micro-batch. Pass the
@@ -150,10 +152,14 @@ def finish_policy_loss(
     kl_type: str = "k3",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    rollout_is_weights: torch.Tensor | None = None,
 ):
     """What every registered policy loss ends with, given its per-token loss [B, T]:
-    loss = agg(token_loss) + kl_coef * agg(KL(pi || pi_ref)) - entropy_coef * agg(entropy), each term
+    loss = agg(w * token_loss) + kl_coef * agg(KL(pi || pi_ref)) - entropy_coef * agg(entropy), each term
     aggregated over `mask` with `loss_agg_mode` (see `aggregate`); returns (loss, metrics).
+    w = `rollout_is_weights` (detached; 1 when None) corrects for the rollout engine's sampling
+    distribution differing from pi_old; it multiplies only the policy-gradient term (as verl does): the
+    KL and entropy terms are regularisers of the current policy, not estimates under pi_old.
 
     ratio_terms = (log_ratio, ratio, clipped, dual_clipped) feed the PPO metrics (over `mask`);
     metrics also hold pg_loss, loss_count (`normaliser_count` of `mask`), then `extra_metrics`, then kl_ref and entropy when those are given.
@@ -169,6 +175,8 @@ def finish_policy_loss(
             max_response_len=max_response_len,
         )
 
+    if rollout_is_weights is not None:
+        token_loss = token_loss * rollout_is_weights.detach().to(token_loss.dtype)
     pg_loss = agg(token_loss)
     metrics = ppo_metrics(mask, *ratio_terms)
     metrics["pg_loss"] = pg_loss.detach()

@@ -9,6 +9,7 @@ Signatures each kind must follow:
   advantage(rewards [B], group_index [B], **params) -> advantages [B]
   shaper(advantages [B], batch: Mapping[str, Tensor], **params) -> (token_advantages [B, T], stats)
   policy_loss(log_prob, old_log_prob, advantages, response_mask, **params) -> (loss, metrics)
+  correction(old_log_prob [B, T], rollout_log_prob [B, T], response_mask [B, T], **params) -> Correction
 
 A config's ``*_kwargs`` become ``params``; `check_kwargs` tests them before any process starts:
 each key must be a keyword of the function (one that takes ``**anything`` accepts any; a policy
@@ -26,11 +27,13 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 
-_REGISTRIES: dict[str, dict[str, Callable]] = {"advantage": {}, "shaper": {}, "policy_loss": {}}
+_REGISTRIES: dict[str, dict[str, Callable]] = {
+    "advantage": {}, "shaper": {}, "policy_loss": {}, "correction": {}
+}
 _CHECKS: dict[tuple[str, str], Callable[..., None]] = {}
 _MIN_GROUP: dict[str, int] = {}
 # leading positional arguments (data) of each kind; the keywords after them are the parameters
-_DATA_ARGS = {"advantage": 2, "shaper": 2, "policy_loss": 4}
+_DATA_ARGS = {"advantage": 2, "shaper": 2, "policy_loss": 4, "correction": 3}
 
 
 class KwargError(ValueError):
@@ -81,6 +84,10 @@ def register_policy_loss(name: str, *, check: Callable[..., None] | None = None)
     return _register("policy_loss", name, check)
 
 
+def register_correction(name: str, *, check: Callable[..., None] | None = None):
+    return _register("correction", name, check)
+
+
 def get_advantage(name: str) -> Callable:
     return _get("advantage", name)
 
@@ -91,6 +98,10 @@ def get_shaper(name: str) -> Callable:
 
 def get_policy_loss(name: str) -> Callable:
     return _get("policy_loss", name)
+
+
+def get_correction(name: str) -> Callable:
+    return _get("correction", name)
 
 
 def list_registered(kind: str) -> list[str]:
