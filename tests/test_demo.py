@@ -119,6 +119,71 @@ def test_viewer_page_renders_in_headless_chromium(demo_run, tmp_path):
     assert orange.sum() > 300, "the legend's entropy ramp is not on screen"
 
 
+def _synthetic_run(path: Path, new_keys: bool) -> Path:
+    """A run folder written by hand: metrics and rollouts with or without the mismatch, dynamic
+    sampling and overlong fields."""
+    path.mkdir()
+    rows = []
+    for step in range(1, 7):
+        r = {"step": step, "reward/mean": step / 10, "actor/grad_norm": 1.0}
+        if new_keys:
+            r |= {"mismatch/kl_k3": 1e-5 * 10**step / 10, "mismatch/abs_log_ratio_mean": 0.01,
+                  "mismatch/token_frac_past": 0.2, "dynamic/groups_generated": 8, "dynamic/groups_kept": step,
+                  "overlong/truncated_frac": 0.1, "correction/weight_mean": 0.98}  # fmt: skip
+        rows.append(r)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resp = {"step": 1, "group": 0, "prompt": "1+1?", "answer": "2", "tokens": ["2", "."], "entropy": [0.1, 0.5],
+            "advantage": [0.5, 0.5], "reward": 1.0, "correct": True, "finish_reason": "stop"}  # fmt: skip
+    extra = [{}, {"finish_reason": "length"}]
+    if new_keys:
+        extra = [{"rollout_logprobs": [-0.5, -1.0], "old_logprobs": [-0.25, -1.0]},
+                 {"finish_reason": "length", "loss_excluded": True, "rollout_logprobs": [-1.0, -2.0],
+                  "old_logprobs": [-1.0, -2.5]}]  # fmt: skip
+    (path / "rollouts.jsonl").write_text("".join(json.dumps(resp | e) + "\n" for e in extra))
+    return path
+
+
+@pytest.mark.parametrize("new_keys", [False, True])
+def test_plot_draws_the_mismatch_and_dynamic_panels_when_logged(tmp_path, new_keys):
+    import matplotlib
+    import matplotlib.image
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = _synthetic_run(tmp_path / "run", new_keys)
+    axes = []
+    real = plt.subplots
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt, "subplots", lambda *a, **k: (lambda fa: axes.append(fa[1]) or fa)(real(*a, **k)))
+        png = plot.plot_run(run, tmp_path / "c.png")
+    assert matplotlib.image.imread(png).std() > 0.05
+    by_title = {ax.get_title(): ax for ax in axes[0].flat}
+    mismatch, dynamic = by_title["rollout / trainer mismatch"], by_title["dynamic sampling / overlong"]
+    if not new_keys:  # an older run still plots: the new panels say "not logged"
+        assert not mismatch.lines and not dynamic.lines
+        assert [t.get_text() for t in mismatch.texts] == ["not logged"]
+        return
+    assert len(mismatch.lines) == 6 and mismatch.get_yscale() == "log"  # kl_k3 spans 5 decades
+    kept = dict(zip(*dynamic.lines[0].get_data()))  # thin line: groups kept / generated per step
+    assert kept == {s: s / 8 for s in range(1, 7)}
+    assert [t.get_text() for t in dynamic.get_legend().get_texts()] == ["groups kept / generated", "truncated fraction"]
+
+
+@pytest.mark.parametrize("new_keys", [False, True])
+def test_viewer_marks_truncated_and_excluded_responses_and_logprob_gaps(tmp_path, new_keys):
+    run = _synthetic_run(tmp_path / "run", new_keys)
+    _, page = viewer.render(run, 1)
+    assert page.count("class='resp ") == 2
+    # each badge once in the legend, then on its responses
+    assert page.count("class='resp ok cut") == 1 and page.count("class='badge cut'>truncated at max_tokens") == 2
+    assert page.count("class='resp ok cut excl'") == int(new_keys)
+    assert page.count("class='badge excl'>not in the loss") == 1 + int(new_keys)
+    gaps = [t.split("gap |rollout - old| ")[1][:6] for t in page.split("title='")[1:] if "gap |rollout" in t]
+    assert gaps == (["0.2500", "0.0000", "0.0000", "0.5000"] if new_keys else [])
+    assert "<script" not in page and "http" not in page  # still self-contained
+
+
 def test_plot_smoothing_is_a_trailing_mean():
     assert plot.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 

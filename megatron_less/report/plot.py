@@ -1,6 +1,7 @@
 """``megatron-less plot RUN_DIR``: the run's curves as one PNG (reward and training accuracy,
 held-out accuracy from the evaluations, response length, entropy, LESS token classes, update
-health), from metrics.jsonl and eval.jsonl."""
+health, rollout / trainer mismatch and its correction, dynamic sampling and overlong responses),
+from metrics.jsonl and eval.jsonl."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from megatron_less.report import run_files
 
 LESS_CLASSES = (("less/frac_tokens_correct_only", "correct-only"), ("less/frac_tokens_incorrect_only", "incorrect-only"),
                 ("less/frac_tokens_shared", "shared"), ("less/frac_high_entropy", "high-entropy (untouched)"))  # fmt: skip
+MISMATCH = (("mismatch/kl_k3", "KL (k3)"), ("mismatch/abs_log_ratio_mean", "mean |log ratio|"),
+            ("mismatch/token_frac_past", "tokens past threshold"))  # fmt: skip
+KEPT = "dynamic/groups_kept_frac"  # derived: dynamic/groups_kept / dynamic/groups_generated
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -30,12 +34,26 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def _panel(ax, rows, keys, title, window):
+def _with_kept_frac(rows: list[dict]) -> list[dict]:
+    def frac(r):
+        kept, made = r.get("dynamic/groups_kept"), r.get("dynamic/groups_generated")
+        ok = isinstance(kept, (int, float)) and isinstance(made, (int, float)) and made > 0
+        return {KEPT: kept / made} if ok else {}
+
+    return [dict(r, **frac(r)) for r in rows]
+
+
+def _panel(ax, rows, keys, title, window, log=False):
+    """``log``: a log y-axis when every value is > 0 and they span a decade or more."""
+    seen = []
     for key, label in keys:
         steps, values = _series(rows, key)
         if steps:
             (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
             ax.plot(steps, smooth(values, window), color=line.get_color(), label=label)
+            seen += values
+    if log and seen and min(seen) > 0 and max(seen) >= 10 * min(seen):
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel("step")
     if ax.lines:
@@ -65,11 +83,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = 5
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, evals = run_files.metrics(run_dir), run_files.evals(run_dir)
+    rows, evals = _with_kept_frac(run_files.metrics(run_dir)), run_files.evals(run_dir)
     if not rows:
         raise run_files.RunError(f"{Path(run_dir) / 'metrics.jsonl'}: no steps logged yet")
     out = Path(out) if out else Path(run_dir) / "plots" / "curves.png"
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12))
     _panel(axes[0, 0], rows, [("reward/mean", "reward"), ("reward/accuracy", "accuracy")], "rollout reward", window)
     _eval_panel(axes[0, 1], evals)
     _panel(axes[0, 2], rows, [("response/length_mean", "mean"), ("response/length_max", "max")],
@@ -78,6 +96,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = 5
     _panel(axes[1, 1], rows, LESS_CLASSES, "LESS token classes (fraction)", window)
     _panel(axes[1, 2], rows, [("actor/grad_norm", "grad norm"), ("actor/clipfrac", "clip fraction"),
                               ("actor/approx_kl", "approx KL")], "update", window)  # fmt: skip
+    _panel(axes[2, 0], rows, MISMATCH, "rollout / trainer mismatch", window, log=True)
+    _panel(axes[2, 1], rows, [(KEPT, "groups kept / generated"), ("overlong/truncated_frac", "truncated fraction")],
+           "dynamic sampling / overlong", window)  # fmt: skip
+    _panel(axes[2, 2], rows, [("correction/weight_mean", "mean weight"),
+                              ("correction/rejected_token_frac", "rejected tokens")], "off-policy correction", window)
     fig.suptitle(f"{run_dir} (steps {rows[0]['step']}..{rows[-1]['step']}, thin: per step, thick: mean of {window})")
     return save_figure(fig, out)
 

@@ -1,6 +1,8 @@
 """``megatron-less view RUN_DIR [--step N]``: one self-contained HTML page (no scripts, no
 external files) of a step's logged rollouts: each group's responses side by side, every token
-shaded by its entropy and marked by its LESS class, with reward and advantage per response."""
+shaded by its entropy and marked by its LESS class, with reward and advantage per response;
+truncated responses and responses left out of the loss are badged, and a token's hover title
+gives |rollout - old| log-prob gap when the row logs both."""
 
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 6px} .meta{col
 .resp{border:2px solid #ccc;border-radius:6px;padding:6px;font-family:ui-monospace,monospace;
   font-size:13px;line-height:1.9}
 .resp.ok{border-color:#2e9e44} .resp.bad{border-color:#d33c3c}
+.resp.cut{border-style:dashed} .resp.excl{opacity:.7;background:#f3f3f3}
+.badge{display:inline-block;font-size:11px;padding:0 5px;margin:0 4px 2px 0;border-radius:8px;color:#fff}
+.badge.cut{background:#b36b00} .badge.excl{background:#666}
 .head{font-family:system-ui,sans-serif;font-size:12px;border-bottom:1px solid #ddd;margin-bottom:4px}
 .t{white-space:pre-wrap;padding:1px 0;border-bottom:3px solid transparent}
 .t.corr{border-bottom-color:#2e9e44} .t.inc{border-bottom-color:#d33c3c}
@@ -50,23 +55,32 @@ def _token_text(tok: str) -> str:
     return html.escape(tok.replace("\n", "⏎\n")) or "&#8203;"
 
 
+BADGES = {"cut": "truncated at max_tokens", "excl": "not in the loss"}
+
+
 def _response(r: dict, h_max: float) -> str:
     ok = r.get("correct")
     adv = r.get("advantage") or []
     big = max(adv, key=abs, default=0.0)
-    head = (f"<div class='head'><b>{'correct' if ok else 'wrong'}</b> · reward {r.get('reward', 0):g} · "
-            f"{len(r.get('tokens', []))} tok{'' if r.get('finish_reason') != 'length' else ' (cut)'} · "
-            f"adv {big:+.2f}</div>")  # fmt: skip
+    marks = [m for m, on in (("cut", r.get("finish_reason") == "length"), ("excl", r.get("loss_excluded"))) if on]
+    badges = "".join(f"<span class='badge {m}'>{BADGES[m]}</span>" for m in marks)
+    head = (f"<div class='head'>{badges}<b>{'correct' if ok else 'wrong'}</b> · reward {r.get('reward', 0):g} · "
+            f"{len(r.get('tokens', []))} tok{' (cut)' if 'cut' in marks else ''} · adv {big:+.2f}</div>")  # fmt: skip
     spans = []
-    classes = r.get("less_class") or [None] * len(r.get("tokens", []))
-    for i, tok in enumerate(r.get("tokens", [])):
+    tokens = r.get("tokens", [])
+    classes = r.get("less_class") or [None] * len(tokens)
+    rollout_lp, old_lp = r.get("rollout_logprobs") or [], r.get("old_logprobs") or []
+    gaps = len(rollout_lp) == len(old_lp) == len(tokens)
+    for i, tok in enumerate(tokens):
         h = r["entropy"][i] if i < len(r.get("entropy", [])) else 0.0
         a = adv[i] if i < len(adv) else 0.0
         css, name = CLASSES.get(classes[i], ("", "no LESS class"))
         tip = f"entropy {h:.3f} | advantage {a:+.3f} | {name}"
+        if gaps and rollout_lp[i] is not None and old_lp[i] is not None:
+            tip += f" | log-prob gap |rollout - old| {abs(rollout_lp[i] - old_lp[i]):.4f}"
         spans.append(f"<span class='t {css}' style='background:{_entropy_colour(h, h_max)}' "
                      f"title='{html.escape(tip)}'>{_token_text(tok)}</span>")  # fmt: skip
-    return f"<div class='resp {'ok' if ok else 'bad'}'>{head}{''.join(spans)}</div>"
+    return f"<div class='resp {' '.join(['ok' if ok else 'bad', *marks])}'>{head}{''.join(spans)}</div>"
 
 
 def _legend(h_max: float) -> str:
@@ -74,7 +88,9 @@ def _legend(h_max: float) -> str:
     items += [f"<span><span class='t {css}'>&nbsp;tok&nbsp;</span> {html.escape(text)}</span>"
               for css, text in CLASSES.values()]  # fmt: skip
     items += ["<span style='border:2px solid #2e9e44;padding:0 4px'>correct</span>",
-              "<span style='border:2px solid #d33c3c;padding:0 4px'>incorrect</span>"]  # fmt: skip
+              "<span style='border:2px solid #d33c3c;padding:0 4px'>incorrect</span>",
+              f"<span style='border:2px dashed #777;padding:0 4px'><span class='badge cut'>{BADGES['cut']}</span></span>",
+              f"<span class='badge excl'>{BADGES['excl']}</span>"]  # fmt: skip
     return f"<div class='legend' id='legend'><b>Legend</b>{''.join(items)}</div>"
 
 
@@ -88,7 +104,7 @@ def render(run_dir: str | Path, step: int | None = None) -> tuple[int, str]:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rollouts step {step}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>Rollouts at step {step}</h1><div class='meta'>{html.escape(str(run_dir))} · {len(rows)} responses"
-             f" in {len(groups)} group(s) · hover a token for its entropy, advantage and LESS class</div>",
+             f" in {len(groups)} group(s) · hover a token for its entropy, advantage, LESS class and log-prob gap</div>",
              _legend(h_max)]  # fmt: skip
     for g, rs in groups.items():
         correct = sum(bool(r.get("correct")) for r in rs)
