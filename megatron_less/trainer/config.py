@@ -89,6 +89,10 @@ class RolloutCfg(_Section):
     kv_cache_gib: float | None = Field(None, gt=0)
     # vLLM's share of GPU memory (its start-up checks free memory)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
+        "the rollout engine's weights and kernels (auto: model.dtype); bf16 rollouts beside an fp32 trainer "
+        "are the usual setting at scale, and the source of the rollout/trainer mismatch the mismatch/* "
+        "metrics measure and algo.correction corrects"))
 
 
 class BatchCfg(_Section):
@@ -98,6 +102,19 @@ class BatchCfg(_Section):
         "token budget of one micro-batch (rows x longest row, padded): activation memory grows with it "
         "(see model.* for what shrinks activations), fewer and larger micro-batches keep the GPU busier"))
     ppo_epochs: int = Field(1, ge=1)  # passes over each rollout batch (1: on-policy)
+
+
+class DynamicSamplingCfg(_Section):
+    enable: bool = Field(False, description=(
+        "DAPO dynamic sampling: groups whose responses all agree on `metric` (all right or all wrong) carry "
+        "no GRPO advantage and are dropped; further prompt batches are generated until batch.prompts_per_step "
+        "groups with signal are collected or max_rounds is reached (then the step trains on what there is, "
+        "a multiple of the data-parallel size)"))
+    metric: Literal["correct", "reward"] = Field("correct", description=(
+        "what must vary inside a group for it to be kept: correct (the verdict, as DAPO's acc) or reward "
+        "(after reward shaping, e.g. the overlong penalty)"))
+    max_rounds: int = Field(3, ge=1, description=(
+        "generation rounds per step at most, the first included (each draws batch.prompts_per_step prompts)"))
 
 
 class AlgoCfg(_Section):
@@ -116,12 +133,26 @@ class AlgoCfg(_Section):
     kl_coef: float = Field(0.0, ge=0)
     kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"  # KL estimator
     entropy_coef: float = 0.0  # entropy bonus coefficient (0: none)
+    correction: str = Field("none", description=(
+        "rollout/trainer mismatch correction (registry; algos/rollout_correction.py): none, token_tis "
+        "(truncated token IS), seq_tis, token_rs / seq_rs / geo_rs (rejection: mask tokens or sequences whose "
+        "ratio pi_old / pi_rollout leaves [lower, threshold]), seq_mask_tis (geo_rs mask + token_tis)"))
+    correction_kwargs: dict[str, Any] = Field({}, description="its keyword arguments (threshold, lower, ...)")
+    old_logprobs: Literal["recompute", "rollout"] = Field("recompute", description=(
+        "recompute: the trainer's forward pass gives pi_old (and the entropies LESS reads); rollout (bypass): "
+        "the engine's log-probs are pi_old, the pass is skipped and PPO's ratio pi / pi_rollout absorbs the "
+        "mismatch; needs algo.shaper none and algo.correction none"))
+    overlong_filter: bool = Field(False, description=(
+        "responses cut at rollout.max_tokens stay in their group's advantage but leave the loss (DAPO "
+        "overlong filtering): no gradient from a truncated trace"))
+    dynamic_sampling: DynamicSamplingCfg = DynamicSamplingCfg()
 
     @model_validator(mode="after")
     def _registered(self):
         from megatron_less.algos import list_registered
 
-        for kind, field in (("advantage", "advantage"), ("shaper", "shaper"), ("policy_loss", "policy_loss")):
+        for kind, field in (("advantage", "advantage"), ("shaper", "shaper"), ("policy_loss", "policy_loss"),
+                            ("correction", "correction")):
             name, valid = getattr(self, field), list_registered(kind)
             if name not in valid:
                 raise ValueError(f"algo.{field}: unknown {kind} {name!r}{_closest(name, valid)}; valid: {valid}")
@@ -147,6 +178,11 @@ class OptimCfg(_Section):
 class RewardCfg(_Section):
     timeout_s: float = Field(5.0, gt=0)  # CPU seconds per response; a timeout scores 0
     workers: int | None = Field(None, ge=1)  # reward processes per rank (None: one per core, at most 8)
+    overlong_buffer: int = Field(0, ge=0, description=(
+        "DAPO soft overlong penalty: a response longer than rollout.max_tokens - overlong_buffer loses "
+        "overlong_penalty x (its excess / overlong_buffer) of reward, up to overlong_penalty at the cap "
+        "(0: off); applied before advantages, the verdict (correct) unchanged"))
+    overlong_penalty: float = Field(1.0, ge=0, description="the overlong penalty at rollout.max_tokens")
 
 
 class TrainCfg(_Section):
@@ -210,6 +246,18 @@ class Config(_Section):
             )
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) exceeds optim.lr ({self.optim.lr})")
+        if self.reward.overlong_buffer > self.rollout.max_tokens:
+            raise ValueError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) exceeds rollout.max_tokens "
+                             f"({self.rollout.max_tokens})")
+        a = self.algo
+        if a.old_logprobs == "rollout":
+            if a.shaper != "none":
+                raise ValueError(f"algo.old_logprobs: rollout (bypass) skips the trainer's forward pass, whose "
+                                 f"per-token entropies shaper {a.shaper!r} reads; set algo.shaper=none or "
+                                 f"algo.old_logprobs=recompute")
+            if a.correction != "none":
+                raise ValueError(f"algo.old_logprobs: rollout (bypass) takes pi_old = pi_rollout, so correction "
+                                 f"{a.correction!r} would have no mismatch to correct; set algo.correction=none")
         return self
 
 
@@ -295,7 +343,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, ch
 
 # the policy-loss keywords the trainer passes itself, and the config key each comes from
 _TRAINER_KEYWORDS = {"loss_agg_mode": "algo.loss_agg_mode", "kl_coef": "algo.kl_coef", "kl_type": "algo.kl_type",
-                     "entropy_coef": "algo.entropy_coef", "max_response_len": "rollout.max_tokens"}
+                     "entropy_coef": "algo.entropy_coef", "max_response_len": "rollout.max_tokens",
+                     "rollout_is_weights": "algo.correction"}
 
 
 def check_algorithms(cfg: Config) -> None:
@@ -306,7 +355,8 @@ def check_algorithms(cfg: Config) -> None:
     a = cfg.algo
     for kind, field, name, kwargs in (("advantage", "advantage_kwargs", a.advantage, a.advantage_kwargs),
                                       ("shaper", "shaper_kwargs", a.shaper, a.shaper_kwargs),
-                                      ("policy_loss", "loss_kwargs", a.policy_loss, a.loss_kwargs)):
+                                      ("policy_loss", "loss_kwargs", a.policy_loss, a.loss_kwargs),
+                                      ("correction", "correction_kwargs", a.correction, a.correction_kwargs)):
         for key in kwargs:
             if key in trainer_keywords(kind):
                 source = _TRAINER_KEYWORDS.get(key)

@@ -55,15 +55,20 @@ def _default(field) -> str:
     return f"`{field.default!r}`".replace("|", "\\|")
 
 
-def _rows(cls: type[BaseModel], prefix: str) -> list[str]:
+def _rows(cls: type[BaseModel], prefix: str, subsections: bool = True) -> list[str]:
     notes = _comments(cls)
     rows = []
     for name, field in cls.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        if _is_section(field):
+            rows += _rows(field.annotation, f"{prefix}{name}.") if subsections else []  # e.g. algo.dynamic_sampling
             continue
         meaning = (field.description or notes.get(name, "")).replace("|", "\\|")
         rows.append(f"| `{prefix}{name}` | {_type(field.annotation)} | {_default(field)} | {meaning} |")
     return rows
+
+
+def _is_section(field) -> bool:
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 
 
 def reference() -> str:
@@ -72,9 +77,9 @@ def reference() -> str:
              "Generated from `megatron_less/trainer/config.py` by `python -m megatron_less.trainer.config_doc`;"
              " a test keeps this page equal to it. Set keys in the YAML file or on the command line"
              " (`megatron-less train CONFIG.yaml optim.lr=1e-6 rollout.n=8`).", "",
-             "## top level", "", head, *_rows(C.Config, "")]  # fmt: skip
+             "## top level", "", head, *_rows(C.Config, "", subsections=False)]  # fmt: skip
     for name, field in C.Config.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        if _is_section(field):
             parts += ["", f"## {name}", "", head, *_rows(field.annotation, f"{name}.")]
     return "\n".join(parts) + "\n"
 

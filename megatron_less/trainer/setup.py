@@ -68,14 +68,18 @@ def _engine(cfg: Config, arch, policy):
     name = r.engine
     if name == "auto":
         name = "vllm" if importlib.util.find_spec("vllm") else "builtin"
+    dtype = cfg.model.dtype if r.dtype == "auto" else r.dtype
     if name == "builtin":
+        if dtype != cfg.model.dtype:  # the built-in sampler runs the trained model itself
+            raise ConfigError(f"rollout.dtype: {r.dtype} needs the vLLM engine; the built-in sampler samples "
+                              f"with the policy in model.dtype ({cfg.model.dtype})")
         from megatron_less.rollout.builtin import BuiltinSampler
 
         return BuiltinSampler(policy.model, arch)
     from megatron_less.rollout.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
-        arch, rollout_tp=r.rollout_tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[cfg.model.dtype],
+        arch, rollout_tp=r.rollout_tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
         max_model_len=cfg.data.max_prompt_tokens + r.max_tokens, seed=cfg.seed,
         kv_cache_bytes=int(r.kv_cache_gib * 2**30) if r.kv_cache_gib else None,
         gpu_memory_utilization=r.gpu_memory_utilization,
