@@ -5,6 +5,8 @@ environment variable ``MLESS_FAULT`` is set. It is read here and nowhere else.
 the named point of that training step, the fault fires. Points and faults:
 
   kill at ``rollout``   (phases.rollout, the engine has returned, the batch is not built yet),
+          ``oversample`` (phases.rollout in a dynamic-sampling round after the first: the
+                         sampler has moved on by the extra batches),
           ``update``    (phases.update, gradients of the first mini-batch computed, no optimizer
                          step taken),
           ``save``      (train_state.save, every shard and RNG file written, the folder not yet
@@ -28,7 +30,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-KILL_POINTS = ("rollout", "update", "save")
+KILL_POINTS = ("rollout", "oversample", "update", "save")
 POINTS = (*KILL_POINTS, "rank_dies", "nan_loss", "nan_grad", "disk_full")
 
 

@@ -29,6 +29,7 @@ class Sequence:
     reward: float = 0.0
     correct: bool = False
     scored: str = "ok"  # ok | no_answer | timeout | error
+    penalty: float = 0.0  # reward shaping (the overlong penalty) included in reward
 
     @property
     def length(self) -> int:
@@ -39,9 +40,11 @@ def assign_groups(group_tokens: list[int], mini_batch_prompts: int, dp: int) -> 
     """[mini-batch][dp rank] -> group ids. Equal counts per rank; largest groups first to the
     least-loaded rank with room (deterministic: ties go to the lower rank / group id)."""
     out = []
-    per_rank = mini_batch_prompts // dp
+    if len(group_tokens) % dp:
+        raise ValueError(f"{len(group_tokens)} groups cannot be shared equally by {dp} data-parallel ranks")
     for start in range(0, len(group_tokens), mini_batch_prompts):
         ids = range(start, min(start + mini_batch_prompts, len(group_tokens)))
+        per_rank = len(ids) // dp  # a short last mini-batch (dynamic sampling) is shared equally too
         load, ranks = [0] * dp, [[] for _ in range(dp)]
         for g in sorted(ids, key=lambda g: (-group_tokens[g], g)):
             r = min((r for r in range(dp) if len(ranks[r]) < per_rank), key=lambda r: (load[r], r))

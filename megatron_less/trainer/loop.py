@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron_less.checkpoints import train_state
 from megatron_less.trainer import phases
 from megatron_less.trainer.config import Config
-from megatron_less.trainer.metrics import local_token_sums, step_metrics
+from megatron_less.trainer.metrics import local_token_sums, mismatch_thresholds, step_metrics
 from megatron_less.trainer.setup import build_run
 
 
@@ -31,24 +31,21 @@ def train(cfg: Config):
         run.logger.log_eval(0, phases.evaluate(run, 0))
     for step in range(run.step + 1, last + 1):
         t = Timer()
-        with t("rollout"):
-            prompts = run.sampler.next_batch(cfg.batch.prompts_per_step)
-            seqs = phases.rollout(run, prompts, step)
-            run.engine.sleep()  # frees rollout memory for training (GPU; no-op elsewhere)
-        with t("reward"):
-            phases.reward(run, prompts, seqs)
+        prompts, seqs, sampled = phases.collect(run, step, t)  # rollout + reward (rounds: dynamic sampling)
+        run.engine.sleep()  # frees rollout memory for training (GPU; no-op elsewhere)
         mine, minibatches = phases.place(run, seqs)  # whole groups per data-parallel rank
         with t("old_logprobs"):
             per_token = phases.old_logprobs(run, mine)
         with t("advantages"):
             per_token["advantages"], stats = phases.advantages(run, mine, per_token)
+            per_token.update(phases.correction(run, mine, per_token))  # mismatch correction, overlong filter
         with t("update"):
             upd = phases.update(run, mine, minibatches, per_token)
         with t("weight_sync"):
             phases.sync_weights(run)
         run.step = step
-        local = local_token_sums(mine, per_token, stats, report=_reports())
-        run.metrics = step_metrics(run, seqs, local, upd, dict(t))
+        local = local_token_sums(mine, per_token, stats, report=_reports(), threshold=mismatch_thresholds(cfg.algo)[0])
+        run.metrics = step_metrics(run, sampled, local, upd, dict(t))
         run.logger.log(step, run.metrics, _samples(run, prompts, mine, per_token, stats))
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
             run.logger.log_eval(step, phases.evaluate(run, step))
@@ -74,7 +71,8 @@ def _samples(run, prompts, seqs, per_token, stats) -> list[dict]:
     """A few whole rollouts from rank 0's groups, token by token, for the log."""
     if dist.get_rank() != 0:
         return []
-    classes = stats.get("token_class")
+    classes, entropy = stats.get("token_class"), per_token.get("entropy")
+    keep = per_token["loss_keep"]
     out = []
     for i, s in enumerate(seqs[: run.cfg.log.rollouts_per_step]):
         r = len(s.response)
@@ -83,7 +81,10 @@ def _samples(run, prompts, seqs, per_token, stats) -> list[dict]:
             "response": run.tokenizer.decode(s.response, skip_special_tokens=True),
             "tokens": [run.tokenizer.decode([t]) for t in s.response], "token_ids": s.response,
             "reward": s.reward, "correct": s.correct, "scored": s.scored, "finish_reason": s.finish_reason,
-            "entropy": per_token["entropy"][i, :r].tolist(), "advantage": per_token["advantages"][i, :r].tolist(),
+            "penalty": s.penalty, "loss_excluded": not bool(keep[i, :r].any()),
+            "entropy": entropy[i, :r].tolist() if entropy is not None else None,
+            "advantage": per_token["advantages"][i, :r].tolist(),
+            "rollout_logprobs": s.rollout_logprobs, "old_logprobs": per_token["old_logprobs"][i, :r].tolist(),
             "less_class": classes[i, :r].tolist() if classes is not None else None,
         })  # fmt: skip
     return out

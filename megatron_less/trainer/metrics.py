@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from megatron_less.algos.rollout_correction import mismatch_stats, summarize_mismatch
 from megatron_less.trainer.batch import response_mask
 from megatron_less.trainer.phases import gather_parts, sum_parts
 
+# corrections whose ``threshold`` bounds a token or sequence ratio (the mismatch metrics' line)
+TOKEN_OR_SEQ_THRESHOLD = ("token_tis", "seq_tis", "token_rs", "seq_rs", "seq_mask_tis")
 LESS_KEYS = ("frac_tokens_correct_only", "frac_tokens_incorrect_only", "frac_tokens_shared", "frac_high_entropy",
              "frac_low_entropy", "mean_weight", "mean_weight_correct_only", "mean_weight_incorrect_only",
              "mean_weight_default")  # fmt: skip
@@ -29,23 +32,32 @@ def rollout_metrics(seqs) -> dict[str, float]:
     }
 
 
-def local_token_sums(seqs, per_token: dict, stats: dict, report: bool) -> dict[str, float]:
-    """This DP rank's sums (only one rank per DP replica reports, so nothing counts twice)."""
+def mismatch_thresholds(algo) -> tuple[float, float]:
+    """The token/sequence and geometric-mean thresholds the mismatch metrics count against: the
+    configured correction's own, else its defaults (2 and 1.001, verl's)."""
+    kw = algo.correction_kwargs
+    threshold = kw.get("threshold", 2.0) if algo.correction in TOKEN_OR_SEQ_THRESHOLD else 2.0
+    geo = kw.get("threshold", 1.001) if algo.correction == "geo_rs" else kw.get("geo_threshold", 1.001)
+    return float(threshold), float(geo)
+
+
+def local_token_sums(seqs, per_token: dict, stats: dict, report: bool, threshold: float = 2.0) -> dict:
+    """This DP rank's sums (only one rank per DP replica reports, so nothing counts twice), and
+    its per-sequence mismatch figures under "mismatch" (concatenated across ranks: exact)."""
     if not report:
         return {}
     mask = response_mask(seqs)
-    rollout_lp = torch.zeros(mask.shape, dtype=torch.float64)
-    for i, s in enumerate(seqs):
-        rollout_lp[i, : len(s.response)] = torch.tensor(s.rollout_logprobs, dtype=torch.float64)
-    gap = (rollout_lp - per_token["old_logprobs"].double()).abs()
+    keep = per_token["loss_keep"]
     n = float(mask.sum())
-    out = {
-        "tok": n,
-        "entropy": float(per_token["entropy"][mask].double().sum()),
-        "gap_sum": float(gap[mask].sum()),
-        "gap_big": float((gap[mask] > 0.1).sum()),
-        "gap_max": float(gap[mask].max()) if n else 0.0,
-    }
+    out = {"tok": n, "kept_tok": float(keep.sum()), "seqs": float(len(seqs)), "kept_seqs": float(keep.any(-1).sum())}
+    if "entropy" in per_token:
+        out["entropy"] = float(per_token["entropy"][mask].double().sum())
+    if "is_weights" in per_token:
+        out["is_weight_sum"] = float(per_token["is_weights"][keep].double().sum())
+    out["overlong_excluded"] = float(sum(s.finish_reason == "length" and not keep[i].any() for i, s in enumerate(seqs)))
+    out["mismatch"] = {k: v.tolist() for k, v in
+                       mismatch_stats(per_token["old_logprobs"], per_token["rollout_logprobs"], mask,
+                                      token_threshold=threshold).items()}
     shaped = float(stats.get("tokens_shaped", 0.0))
     out["less_tok"] = shaped
     for k in LESS_KEYS:
@@ -54,18 +66,32 @@ def local_token_sums(seqs, per_token: dict, stats: dict, report: bool) -> dict[s
     return out
 
 
-def step_metrics(run, seqs, local: dict, upd: dict, times: dict[str, float]) -> dict[str, float]:
-    """Collective (one gather). ``local`` from `local_token_sums`, ``upd`` from phases.update."""
+def step_metrics(run, sampled: dict, local: dict, upd: dict, times: dict[str, float]) -> dict[str, float]:
+    """Collective (one gather). ``sampled`` from phases.collect (every response generated this
+    step, and the dynamic-sampling counts), ``local`` from `local_token_sums`, ``upd`` from
+    phases.update."""
     every = gather_parts(local)
+    mismatch = [p.pop("mismatch") for p in every if "mismatch" in p]
     parts = sum_parts(every)
+    seqs = sampled["generated"]
     m = rollout_metrics(seqs)
     tok = max(parts.get("tok", 0.0), 1.0)
-    m.update({
-        "rollout/entropy": parts.get("entropy", 0.0) / tok,
-        "rollout/logprob_gap_mean": parts.get("gap_sum", 0.0) / tok,
-        "rollout/logprob_gap_frac_over_0.1": parts.get("gap_big", 0.0) / tok,
-    })  # fmt: skip
-    m["rollout/logprob_gap_max"] = max((p["gap_max"] for p in every if p), default=0.0)
+    if "entropy" in parts:
+        m["rollout/entropy"] = parts["entropy"] / tok
+    joined = {k: torch.tensor([v for part in mismatch for v in part[k]], dtype=torch.float64) for k in mismatch[0]}
+    threshold, geo = mismatch_thresholds(run.cfg.algo)
+    for k, v in summarize_mismatch(joined, threshold=threshold, geo_threshold=geo).items():
+        m["mismatch/" + k] = v
+    # left out of the loss by the correction's rejection or overlong filtering
+    m["loss/excluded_token_frac"] = 1.0 - parts.get("kept_tok", 0.0) / tok
+    m["loss/excluded_seq_frac"] = 1.0 - parts.get("kept_seqs", 0.0) / max(parts.get("seqs", 0.0), 1.0)
+    if "is_weight_sum" in parts:
+        m["correction/weight_mean"] = parts["is_weight_sum"] / max(parts.get("kept_tok", 0.0), 1.0)
+    m["overlong/excluded_frac"] = parts.get("overlong_excluded", 0.0) / max(parts.get("seqs", 0.0), 1.0)
+    m["overlong/penalty_mean"] = sum(s.penalty for s in seqs) / max(len(seqs), 1)
+    for k in ("rounds", "groups_generated", "groups_kept", "groups_trained", "groups_filler"):
+        if k in sampled:
+            m["dynamic/" + k] = float(sampled[k])
     less_tok = parts.get("less_tok", 0.0)
     for k in LESS_KEYS:
         if "less_" + k in parts:

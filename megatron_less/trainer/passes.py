@@ -133,12 +133,14 @@ def train_minibatch(policy, mbs: list[MicroBatch], spec: LossSpec, *,
                           entropy_grad=spec.entropy_coef != 0)
             x = {k: v.to(device) for k, v in mb.extra.items()}
             mask = mb.loss_mask.to(device)
+            if "loss_keep" in x:  # rejected by the mismatch correction, or filtered as overlong
+                mask = mask & x["loss_keep"]
             # counts of 1: each term comes back as a sum; megatron divides by the global count
             total, metrics = loss_fn(
                 lp, x["old_logprobs"], x["advantages"], mask, **kwargs, loss_agg_mode=spec.agg_mode,
                 global_num_tokens=1, global_num_seqs=1, max_response_len=spec.max_response_len,
                 ref_log_prob=x.get("ref_logprobs"), kl_coef=spec.kl_coef, kl_type=spec.kl_type, entropy=ent,
-                entropy_coef=spec.entropy_coef,
+                entropy_coef=spec.entropy_coef, rollout_is_weights=x.get("is_weights"),
             )  # fmt: skip
             # the loss's own count (forking tokens: the selected tokens, not every response token)
             count = metrics.pop("loss_count").to(torch.int)

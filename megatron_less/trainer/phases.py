@@ -8,20 +8,60 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron_less.algos import compute_token_advantages
+from megatron_less.algos import apply_correction, compute_token_advantages, group_has_signal, overlong_penalty
 from megatron_less.parallel import faults
 from megatron_less.rollout.base import SamplingParams
 from megatron_less.trainer import batch as B
 from megatron_less.trainer.passes import LossSpec, logprobs_and_entropy, optimizer_step, train_minibatch
 
 
-def rollout(run, prompts, step: int) -> list[B.Sequence]:
+def collect(run, step: int, timer) -> tuple[list, list[B.Sequence], dict]:
+    """The step's prompts and their scored responses (collective). Without dynamic sampling, one
+    batch of batch.prompts_per_step prompts. With it (DAPO), groups whose responses all agree on
+    the filter metric carry no advantage and are dropped, and further batches are drawn (each its
+    own sampling seed; the sampler's position counts them, so a resume repeats them exactly) until
+    prompts_per_step groups are kept or max_rounds is reached. Short of the target, the step
+    trains on a multiple of the data-parallel size (ranks need whole groups), topped up with
+    dropped groups only when no group has signal. Returns (prompts, their sequences with group
+    ids into prompts, info); info["generated"] holds every response generated this step."""
+    ds, want = run.cfg.algo.dynamic_sampling, run.cfg.batch.prompts_per_step
+    kept, dropped, generated = [], [], []  # (prompt, its sequences)
+    for round_ in range(ds.max_rounds if ds.enable else 1):
+        with timer("rollout"):
+            prompts = run.sampler.next_batch(want)
+            seqs = rollout(run, prompts, step, round_)
+        with timer("reward"):
+            reward(run, prompts, seqs)
+        generated += seqs
+        groups = [(p, [s for s in seqs if s.group == g]) for g, p in enumerate(prompts)]
+        if not ds.enable:
+            return prompts, seqs, {"generated": generated}
+        values = torch.tensor([float(s.correct if ds.metric == "correct" else s.reward) for s in seqs])
+        signal = group_has_signal(values, torch.tensor([s.group for s in seqs]))
+        for g, group in enumerate(groups):
+            (kept if signal[g] else dropped).append(group)
+        if len(kept) >= want:
+            break
+    take = kept[:want] if len(kept) >= want else kept[: len(kept) - len(kept) % run.dp]
+    filler = dropped[: run.dp - len(take)] if not take else []
+    prompts, seqs = [], []
+    for g, (p, group) in enumerate(take + filler):
+        prompts.append(p)
+        for s in group:
+            s.group = g
+            seqs.append(s)
+    info = {"generated": generated, "rounds": round_ + 1, "groups_generated": len(kept) + len(dropped),
+            "groups_kept": len(kept), "groups_trained": len(take), "groups_filler": len(filler)}
+    return prompts, seqs, info
+
+
+def rollout(run, prompts, step: int, round_: int = 0) -> list[B.Sequence]:
     """n responses per prompt (collective: every rank gets all of them)."""
     r = run.cfg.rollout
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
-                            seed=run.cfg.seed * 100_003 + step, stop_token_ids=run.stop_ids)
+                            seed=run.cfg.seed * 100_003 + step + round_ * 1_000_003, stop_token_ids=run.stop_ids)
     out = run.engine.generate([p.token_ids for p in prompts], r.n, params)
-    faults.kill_point("rollout", step)
+    faults.kill_point("rollout" if round_ == 0 else "oversample", step)
     return [B.Sequence(g, prompts[g].token_ids, list(x.token_ids), list(x.logprobs), x.finish_reason)
             for g, responses in enumerate(out) for x in responses]  # fmt: skip
 
@@ -41,9 +81,13 @@ def reward(run, prompts, seqs: list[B.Sequence]) -> None:
         codes[i] = torch.tensor([res.score, REASONS.index(res.reason) + 1])
     codes = codes.to(runtime.device())  # the collective runs where NCCL can take it
     dist.all_reduce(codes)
-    for s, (score, code) in zip(seqs, codes.tolist()):
-        s.reward, s.scored = score, REASONS[int(code) - 1]
-        s.correct = score > 0
+    c = run.cfg
+    lengths = torch.tensor([len(s.response) for s in seqs])
+    penalty = (overlong_penalty(lengths, c.rollout.max_tokens, c.reward.overlong_buffer, c.reward.overlong_penalty)
+               if c.reward.overlong_buffer else torch.zeros(len(seqs)))  # fmt: skip
+    for s, (score, code), pen in zip(seqs, codes.tolist(), penalty.tolist()):
+        s.scored, s.correct = REASONS[int(code) - 1], score > 0  # the verdict, before shaping
+        s.reward, s.penalty = score + pen, pen
 
 
 def place(run, seqs: list[B.Sequence]) -> tuple[list[B.Sequence], list[list[int]]]:
@@ -75,12 +119,18 @@ def microbatches(run, seqs, rows: list[int], per_token: dict) -> list[B.MicroBat
 
 
 def old_logprobs(run, seqs) -> dict[str, torch.Tensor]:
-    """Per-token old log-probs and entropies (and reference log-probs with a KL term), no grad."""
+    """Per-token old log-probs and entropies (and reference log-probs with a KL term), no grad,
+    beside the engine's rollout log-probs. Bypass (algo.old_logprobs: rollout): pi_old is the
+    rollout's own log-probs, no forward pass, no entropies."""
     mbs = microbatches(run, seqs, list(range(len(seqs))), {})
     kw = dict(temperature=run.cfg.rollout.temperature, vocab_size=run.arch.vocab_size,
               fused_lm_head=run.cfg.model.fused_lm_head)
-    lp, ent = logprobs_and_entropy(run.policy.model, seqs, mbs, **kw)
-    out = {"old_logprobs": lp, "entropy": ent}
+    rollout_lp = B.response_matrix([s.rollout_logprobs for s in seqs], torch.float32)
+    if run.cfg.algo.old_logprobs == "rollout":
+        out = {"old_logprobs": rollout_lp, "rollout_logprobs": rollout_lp}
+    else:
+        lp, ent = logprobs_and_entropy(run.policy.model, seqs, mbs, **kw)
+        out = {"old_logprobs": lp, "entropy": ent, "rollout_logprobs": rollout_lp}
     if run.ref_model is not None:
         out["ref_logprobs"] = logprobs_and_entropy(run.ref_model, seqs, mbs, with_entropy=False, **kw)[0]
     return out
@@ -92,15 +142,33 @@ def advantages(run, seqs, per_token: dict) -> tuple[torch.Tensor, dict]:
     mask = B.response_mask(seqs)
     data = {
         "token_ids": B.response_matrix([s.response for s in seqs], torch.long),
-        "entropy": per_token["entropy"],
         "response_mask": mask,
         "correct": torch.tensor([s.correct for s in seqs]),
         "group_index": torch.tensor([s.group for s in seqs]),
     }
+    if "entropy" in per_token:  # absent in bypass mode, where the config allows no shaper
+        data["entropy"] = per_token["entropy"]
     rewards = torch.tensor([s.reward for s in seqs], dtype=torch.float32)
     adv, stats = compute_token_advantages(rewards, data["group_index"], data, estimator=a.advantage, shaper=a.shaper,
                                           estimator_kwargs=a.advantage_kwargs, shaper_kwargs=a.shaper_kwargs)
     return adv.float() * mask, dict(stats)
+
+
+def correction(run, seqs, per_token: dict) -> dict[str, torch.Tensor]:
+    """What the loss takes besides the advantages: ``loss_keep`` [N, T] (tokens left in the loss
+    and its normaliser: the correction's rejection and overlong filtering) and, for an IS
+    correction, ``is_weights`` [N, T] on the policy-gradient term (algos.rollout_correction)."""
+    a = run.cfg.algo
+    mask = B.response_mask(seqs)
+    corr = apply_correction(a.correction, per_token["old_logprobs"], per_token["rollout_logprobs"], mask,
+                            **a.correction_kwargs)
+    keep = corr.keep & mask
+    if a.overlong_filter:
+        keep &= torch.tensor([s.finish_reason != "length" for s in seqs])[:, None]
+    out = {"loss_keep": keep}
+    if corr.weights is not None:
+        out["is_weights"] = corr.weights.float() * keep
+    return out
 
 
 def update(run, seqs, minibatches: list[list[int]], per_token: dict) -> dict:
@@ -115,7 +183,8 @@ def update(run, seqs, minibatches: list[list[int]], per_token: dict) -> dict:
     spec = LossSpec(c.algo.policy_loss, dict(c.algo.loss_kwargs), c.algo.loss_agg_mode, c.rollout.temperature,
                     run.arch.vocab_size, c.rollout.max_tokens, c.algo.kl_coef, c.algo.kl_type, c.algo.entropy_coef,
                     c.model.fused_lm_head)
-    keep = {k: per_token[k] for k in ("old_logprobs", "advantages", "ref_logprobs") if k in per_token}
+    keep = {k: per_token[k] for k in ("old_logprobs", "advantages", "ref_logprobs", "loss_keep", "is_weights")
+            if k in per_token}  # fmt: skip
     hooks = faults.corrupt_update(run.policy.model, run.step + 1, keep)  # MLESS_FAULT only
     totals: dict[str, float] = {}
     generator = step_generator(c.seed, run.step + 1, ps.get_data_parallel_rank())
