@@ -129,7 +129,7 @@ def _synthetic_run(path: Path, new_keys: bool) -> Path:
         if new_keys:
             r |= {"mismatch/kl_k3": 1e-5 * 10**step / 10, "mismatch/abs_log_ratio_mean": 0.01,
                   "mismatch/token_frac_past": 0.2, "dynamic/groups_generated": 8, "dynamic/groups_kept": step,
-                  "overlong/truncated_frac": 0.1, "correction/weight_mean": 0.98}  # fmt: skip
+                  "overlong/excluded_frac": 0.1, "correction/weight_mean": 0.98}  # fmt: skip
         rows.append(r)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     resp = {"step": 1, "group": 0, "prompt": "1+1?", "answer": "2", "tokens": ["2", "."], "entropy": [0.1, 0.5],
@@ -167,7 +167,8 @@ def test_plot_draws_the_mismatch_and_dynamic_panels_when_logged(tmp_path, new_ke
     assert len(mismatch.lines) == 6 and mismatch.get_yscale() == "log"  # kl_k3 spans 5 decades
     kept = dict(zip(*dynamic.lines[0].get_data()))  # thin line: groups kept / generated per step
     assert kept == {s: s / 8 for s in range(1, 7)}
-    assert [t.get_text() for t in dynamic.get_legend().get_texts()] == ["groups kept / generated", "truncated fraction"]
+    assert [t.get_text() for t in dynamic.get_legend().get_texts()] == ["groups kept / generated",
+                                                                         "truncated, out of the loss"]
 
 
 @pytest.mark.parametrize("new_keys", [False, True])
@@ -202,8 +203,9 @@ def test_compare_table_means_stds_and_changes_over_seeds():
 @pytest.mark.slow
 def test_compare_runs_methods_over_a_seed(tmp_path):
     cmd = [sys.executable, "-m", "megatron_less.cli", "compare", "--out", str(tmp_path), "--seeds", "0",
-           "--methods", "grpo,less", "--warmup-steps", "40", "train.steps=2", "eval.every=2", "eval.limit=4", "eval.n=2",
+           "--methods", "grpo,dapo", "--warmup-steps", "40", "train.steps=2", "eval.every=2", "eval.limit=4", "eval.n=2",
            "batch.prompts_per_step=4", "batch.mini_batch_prompts=4"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "grpo" in (tmp_path / "compare.txt").read_text() and (tmp_path / "compare.png").stat().st_size > 5000
+    assert {"grpo", "dapo"} <= set((tmp_path / "compare.txt").read_text().split())
+    assert (tmp_path / "compare.png").stat().st_size > 5000

@@ -1,5 +1,5 @@
-"""``megatron-less compare``: the demo task under GRPO, GRPO + LESS, forking tokens and KL-Cov,
-over several seeds: a table (mean and std over seeds of the final held-out avg@k and worst@k,
+"""``megatron-less compare``: the demo task under GRPO, GRPO + LESS, forking tokens, KL-Cov and
+DAPO (and, on request, LESS with bf16 rollouts without and with truncated IS) over several seeds: a table (mean and std over seeds of the final held-out avg@k and worst@k,
 and their change from the starting model) and a PNG of held-out accuracy over steps.
 
 The toy-scale test of the LESS paper's claim (LESS raises average and worst-case accuracy and
@@ -28,7 +28,14 @@ METHODS: dict[str, list[str]] = {
     "less": ["algo.shaper=less"],
     "forking": ["algo.shaper=none", "algo.policy_loss=forking_tokens"],
     "kl_cov": ["algo.shaper=none", "algo.policy_loss=kl_cov", "algo.loss_kwargs={}"],
+    # DAPO: GRPO + clip-higher (0.28, the demo's default) + token-mean + dynamic sampling + the soft
+    # overlong penalty over the last 4 of the demo's 24 tokens
+    "dapo": ["algo.shaper=none", "algo.dynamic_sampling.enable=true", "reward.overlong_buffer=4"],
+    # bf16 vLLM rollouts beside the fp32 trainer (a real mismatch), without and with truncated IS
+    "less+bf16": ["algo.shaper=less", "rollout.dtype=bf16"],
+    "less+tis": ["algo.shaper=less", "rollout.dtype=bf16", "algo.correction=token_tis"],
 }
+DEFAULT_METHODS = ("grpo", "less", "forking", "kl_cov", "dapo")
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
@@ -91,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-less compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated, of {', '.join(METHODS)} (the bf16 ones need vLLM)")
     ap.add_argument("--warmup-steps", type=int, default=demo.WARMUP_STEPS)
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (1: tp 1, the cheapest on 2 cores)")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every run (see megatron-less train)")

@@ -97,10 +97,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = 5
     _panel(axes[1, 2], rows, [("actor/grad_norm", "grad norm"), ("actor/clipfrac", "clip fraction"),
                               ("actor/approx_kl", "approx KL")], "update", window)  # fmt: skip
     _panel(axes[2, 0], rows, MISMATCH, "rollout / trainer mismatch", window, log=True)
-    _panel(axes[2, 1], rows, [(KEPT, "groups kept / generated"), ("overlong/truncated_frac", "truncated fraction")],
+    _panel(axes[2, 1], rows, [(KEPT, "groups kept / generated"), ("overlong/excluded_frac", "truncated, out of the loss")],
            "dynamic sampling / overlong", window)  # fmt: skip
-    _panel(axes[2, 2], rows, [("correction/weight_mean", "mean weight"),
-                              ("correction/rejected_token_frac", "rejected tokens")], "off-policy correction", window)
+    _panel(axes[2, 2], rows, [("correction/weight_mean", "mean IS weight"),
+                              ("loss/excluded_token_frac", "tokens out of the loss")], "off-policy correction", window)
     fig.suptitle(f"{run_dir} (steps {rows[0]['step']}..{rows[-1]['step']}, thin: per step, thick: mean of {window})")
     return save_figure(fig, out)
 
