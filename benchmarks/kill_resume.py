@@ -4,7 +4,8 @@
 One uninterrupted reference run, then one chained run in another folder: each trial launches the
 job (it resumes from the newest complete checkpoint), kills it - half the trials at a named
 phase through the MLESS_FAULT hook (megatron_less/parallel/faults.py: during rollout, during
-the update, during a checkpoint save), half at a random moment from outside (SIGKILL to
+the update, during a checkpoint save; with --dynamic-sampling also in the middle of an extra
+generation round, at a step where the reference run drew one), half at a random moment from outside (SIGKILL to
 torchrun's agent and every process under it) - and records where it died. A last launch
 finishes the run. Then every checkpoint the chained run wrote is compared with the reference's
 of the same step, bit for bit: model and optimizer tensors, megatron's common state, the LR
@@ -13,6 +14,7 @@ timings must be equal at every step.
 
     python benchmarks/kill_resume.py                    # 10 trials of a 20-step run, 2 ranks
     python benchmarks/kill_resume.py --trials 2 --steps 4 --every 1   # the CI version
+    python benchmarks/kill_resume.py --dynamic-sampling  # DAPO's oversampling rounds on
 
 Exit status 0 only when everything matched. tests/test_reliability.py runs the short version.
 """
@@ -32,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 PHASES = ("save", "update", "rollout")
+# dynamic sampling on: a step draws up to 3 prompt batches; the sampler's position counts them
+DYNAMIC = ["algo.dynamic_sampling.enable=true", "algo.dynamic_sampling.max_rounds=3"]
 VOLATILE = ("time/", "perf/")  # wall-clock figures: the only metrics allowed to differ
 
 
@@ -185,9 +189,11 @@ def differences(a, b, where: str = "") -> list[str]:
 
 
 def trials(n: int, steps: int, every: int, nproc: int, work: Path, seed: int = 0, log=print, hf=None,
-           data=None) -> dict:
+           data=None, extra: list[str] = (), phases: tuple[str, ...] = PHASES) -> dict:
     """Run the reference and ``n`` kill trials in ``work`` (on tests/train_fixtures.py's tiny
-    model, or the given HF folder and training file); returns the table and the verdict."""
+    model, or the given HF folder and training file); returns the table and the verdict.
+    ``extra``: config overrides of every run; ``phases``: the named kill points taken in turn
+    ("oversample" only at steps where the reference drew more than one batch)."""
     rng = random.Random(seed)
     if hf is None:
         from tests.train_fixtures import make_model
@@ -195,7 +201,7 @@ def trials(n: int, steps: int, every: int, nproc: int, work: Path, seed: int = 0
         hf, data = make_model(work)
     ref, chain = work / "reference", work / "chain"
     t0 = time.monotonic()
-    proc = launch(overrides(str(hf), str(data), ref, steps, every), nproc, work / "reference.log")
+    proc = launch(overrides(str(hf), str(data), ref, steps, every) + list(extra), nproc, work / "reference.log")
     first_row = None
     while proc.poll() is None:
         if first_row is None and logged_steps(ref) >= 1:
@@ -209,7 +215,9 @@ def trials(n: int, steps: int, every: int, nproc: int, work: Path, seed: int = 0
     log(f"reference: {steps} steps in {total:.1f} s (first step logged at {first_row:.1f} s, then {per_step:.2f} s/step)")
 
     save_steps = [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
-    args = overrides(str(hf), str(data), chain, steps, every)
+    oversampled = [s for s, r in metric_rows(ref).items() if r.get("dynamic/rounds", 1) > 1]
+    log(f"reference steps with more than one generation round: {oversampled}")
+    args = overrides(str(hf), str(data), chain, steps, every) + list(extra)
     rows, wrote = [], {}
     for i in range(n):
         resume = max(ckpt_steps(chain), default=0)
@@ -218,10 +226,11 @@ def trials(n: int, steps: int, every: int, nproc: int, work: Path, seed: int = 0
             break
         before = set(ckpt_steps(chain))
         t = time.monotonic()
-        if i % 2 == 0:  # a named phase, in turn, at a step shortly after the newest checkpoint
-            phase = PHASES[(i // 2) % len(PHASES)]
-            later = [s for s in save_steps if s > resume] if phase == "save" else list(range(resume + 1, steps + 1))
-            at = rng.choice(later[:3])
+        phase = phases[(i // 2) % len(phases)]
+        later = {"save": [s for s in save_steps if s > resume],
+                 "oversample": [s for s in oversampled if s > resume]}.get(phase, range(resume + 1, steps + 1))
+        if i % 2 == 0 and later:  # a named phase, in turn, at a step shortly after the newest checkpoint
+            at = rng.choice(list(later)[:3])
             fault, what = f"{phase}:{at}:{rng.randrange(nproc)}", f"{phase} of step {at}"
             proc = launch(args, nproc, work / f"trial{i + 1}.log", fault)
             rc = wait(proc, 900)
@@ -297,13 +306,16 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     ap.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--dynamic-sampling", action="store_true",
+                    help="DAPO dynamic sampling on; named kills also in the middle of an extra round")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kill_resume_") as tmp:
         work = Path(a.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        res = trials(a.trials, a.steps, a.every, a.nproc, work, a.seed)
+        res = trials(a.trials, a.steps, a.every, a.nproc, work, a.seed,
+                     **(dict(extra=DYNAMIC, phases=("oversample", *PHASES)) if a.dynamic_sampling else {}))
     print(table(res))
     print(f"checkpoints compared: {res['checkpoints']}; final weights and optimizer bit-equal: {res['final_equal']}; "
           f"metrics equal at every step: {not res['metric_diff']}; {time.monotonic() - t0:.0f} s in all")

@@ -67,6 +67,25 @@ def test_recipe_layout_fits_one_8_gpu_node(recipe, variant):
     assert 8 % cfg.rollout.rollout_tp == 0 and cfg.rollout.kv_cache_gib
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "correction_kwargs" else {prefix + k: v})
+    return out
+
+
+def test_dapo_variant_differs_from_its_recipe_only_in_the_dapo_switches():
+    base = _flat(load_config(EXAMPLES / "configs" / "qwen2.5-math-7b.yaml", check_paths=False).model_dump())
+    dapo_cfg = load_config(EXAMPLES / "configs" / "variants" / "qwen2.5-math-7b-dapo.yaml", check_paths=False)
+    dapo = _flat(dapo_cfg.model_dump())
+    changed = {k for k in base if base[k] != dapo[k]}
+    assert changed == {"output_dir", "algo.shaper", "algo.correction", "algo.correction_kwargs",
+                       "algo.dynamic_sampling.enable", "reward.overlong_buffer"}, changed
+    assert (base["algo.dynamic_sampling.enable"], base["reward.overlong_buffer"], base["algo.correction"]) == (
+        False, 0, "none"), "the LESS authors' recipe keeps the DAPO switches off"
+    assert check_layout(dapo_cfg, Qwen2Arch.from_hf(SHAPES["qwen2.5-math-7b"]), world_size=8) == 2
+
+
 def _bash(script: str, *args: str, timeout: str = "60", **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_",
                                                                        "RDZV_", "HF_DIR", "TRAIN_FILE"))}

@@ -239,3 +239,16 @@ def test_kill_trials_short(tiny, tmp_path):
     at = int(first["kill"].split()[-1])
     assert first["partial_left"] == [f"step_{at:06d}.partial"] and first["newest_complete"] == at - 1
     assert res["checkpoints"] == [1, 2, 3] and res["final_equal"]
+
+
+def test_kill_in_an_oversampling_round_resumes_exactly(tiny, tmp_path):
+    """Dynamic sampling (DAPO) draws extra prompt batches inside a step: a kill -9 in the middle
+    of such a round (at a step where the uninterrupted run drew one) resumes from the previous
+    checkpoint, draws the same extra batches again and ends bit-equal."""
+    kr = _kill_resume()
+    res = kr.trials(1, steps=3, every=1, nproc=1, work=tmp_path, hf=tiny["hf"], data=tiny["data"],
+                    extra=kr.DYNAMIC, phases=("oversample",))  # fmt: skip
+    print(kr.table(res))
+    assert res["rows"][0]["kill"].startswith("oversample of step"), res["rows"]
+    assert res["ok"], (res["mismatches"], res["metric_diff"])
+    assert res["checkpoints"] == [1, 2, 3] and res["final_equal"]

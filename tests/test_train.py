@@ -28,7 +28,8 @@ STEPS = 3
 REQUIRED = ("reward/mean", "reward/accuracy", "response/length_mean", "response/length_max", "response/clip_frac",
             "rollout/entropy", "less/frac_tokens_correct_only", "less/frac_tokens_incorrect_only",
             "less/frac_tokens_shared", "less/mean_weight", "actor/clipfrac", "actor/approx_kl", "actor/grad_norm",
-            "optim/lr", "rollout/logprob_gap_mean", "rollout/logprob_gap_max", "rollout/logprob_gap_frac_over_0.1",
+            "optim/lr", "mismatch/abs_log_ratio_mean", "mismatch/abs_log_ratio_max", "mismatch/token_frac_past",
+            "mismatch/kl_k3", "mismatch/seq_log_ratio_p99", "loss/excluded_token_frac",
             "batch/padding_frac", "time/rollout_s", "time/update_s", "perf/tokens_per_s", "train/skipped_steps",
             "loss/total")  # fmt: skip
 PARITY = ("reward/mean", "loss/total", "actor/grad_norm", "rollout/entropy", "actor/pg_loss")
@@ -173,7 +174,9 @@ def _loss_parity(tiny, root):
     transformers + megatron_less.algos in one process and compares the gradients."""
     import torch.distributed as dist
 
+    from megatron_less.algos import apply_correction
     from megatron_less.parallel.gather import iter_all_hf_tensors
+    from megatron_less.trainer import batch as B
     from megatron_less.trainer import phases
     from megatron_less.trainer.batch import Sequence
     from megatron_less.trainer.passes import LossSpec, train_minibatch
@@ -194,27 +197,37 @@ def _loss_parity(tiny, root):
     adv = torch.randn(old.shape, generator=gen)
     where = {id(s): i for i, s in enumerate(seqs)}
     order = [where[id(s)] for s in mine]
-    per_token = {"old_logprobs": old[order], "advantages": adv[order]}
     spec = LossSpec("ppo_clip", {}, "token-mean", 0.7, run.arch.vocab_size, 12)
-    mbs = phases.microbatches(run, mine, minibatches[0], per_token)
-    train_minibatch(run.policy, mbs, spec)
-    grads = {}
-    saved = {}
-    for name, p in run.policy.module.named_parameters():  # read main_grad through the HF-name gatherer
-        saved[name] = p.data
-        p.data = p.main_grad.view_as(p).to(p.dtype)
-    for name, g in iter_all_hf_tensors(run.policy.module, run.arch):
-        grads[name] = g.clone()
-    for name, p in run.policy.module.named_parameters():
-        p.data = saved[name]
-    if dist.get_rank() != 0:
-        return None
-    ref = _reference_grads(tiny["hf"], seqs, old, adv, spec)
-    return {"mbs": [tuple(m.tokens.shape) for m in mbs], "diff": {k: float((grads[k] - ref[k]).abs().max()) for k in ref},
-            "scale": max(float(g.abs().max()) for g in ref.values())}  # fmt: skip
+    # a mismatch correction that both weights and rejects: the rollout's log-probs moved off the old
+    # ones, seq_mask_tis drops the sequences whose geometric-mean ratio leaves [1/1.1, 1.1]
+    mask = B.response_mask(seqs)
+    corr = apply_correction("seq_mask_tis", old, old + torch.randn(old.shape, generator=gen) * 0.3, mask,
+                            geo_threshold=1.1)
+    keep, weights = corr.keep & mask, corr.weights
+    out = {"rejected": int((~keep.any(-1)).sum()), "seqs": len(seqs)}
+    for name, extra in (("plain", {}), ("corrected", {"loss_keep": keep[order], "is_weights": weights[order]})):
+        per_token = {"old_logprobs": old[order], "advantages": adv[order], **extra}
+        mbs = phases.microbatches(run, mine, minibatches[0], per_token)
+        train_minibatch(run.policy, mbs, spec)
+        grads = {}
+        saved = {}
+        for pname, p in run.policy.module.named_parameters():  # read main_grad through the HF-name gatherer
+            saved[pname] = p.data
+            p.data = p.main_grad.view_as(p).to(p.dtype)
+        for hf_name, g in iter_all_hf_tensors(run.policy.module, run.arch):
+            grads[hf_name] = g.clone()
+        for pname, p in run.policy.module.named_parameters():
+            p.data = saved[pname]
+        if dist.get_rank() == 0:
+            ref = _reference_grads(tiny["hf"], seqs, old, adv, spec, keep if extra else None,
+                                   weights if extra else None)  # fmt: skip
+            out[name] = {"mbs": [tuple(m.tokens.shape) for m in mbs],
+                         "diff": {k: float((grads[k] - ref[k]).abs().max()) for k in ref},
+                         "scale": max(float(g.abs().max()) for g in ref.values())}  # fmt: skip
+    return out if dist.get_rank() == 0 else None
 
 
-def _reference_grads(hf_dir, seqs, old, adv, spec):
+def _reference_grads(hf_dir, seqs, old, adv, spec, keep=None, weights=None):
     from transformers import Qwen2ForCausalLM
 
     from megatron_less.algos import get_policy_loss
@@ -230,14 +243,21 @@ def _reference_grads(hf_dir, seqs, old, adv, spec):
         rows.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response)[:, None])[:, 0])
         mask[i, : len(s.response)] = True
     lp = torch.stack([torch.nn.functional.pad(r, (0, width - r.numel())) for r in rows])
-    loss, _ = get_policy_loss("ppo_clip")(lp, old, adv, mask, loss_agg_mode="token-mean")
+    if keep is not None:
+        mask = mask & keep
+    loss, _ = get_policy_loss("ppo_clip")(lp, old, adv, mask, loss_agg_mode="token-mean", rollout_is_weights=weights)
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_loss_and_grads_equal_one_process(layouts):
-    res = layouts["parity"]
+@pytest.mark.parametrize("case", ["plain", "corrected"])
+def test_loss_and_grads_equal_one_process(layouts, case):
+    """TP2 x DP2 gradients equal one process's; "corrected": with a mismatch correction's
+    weights and rejected sequences carried through micro-batches and ranks."""
+    res = layouts["parity"][case]
     assert len({shape for shape in res["mbs"]}) > 1, "micro-batches should differ in shape"
+    if case == "corrected":
+        assert 0 < layouts["parity"]["rejected"] < layouts["parity"]["seqs"], layouts["parity"]
     worst = max(res["diff"].values())
     assert worst <= 1e-5 * res["scale"] + 1e-7, sorted(res["diff"].items(), key=lambda kv: -kv[1])[:3]
 
@@ -271,7 +291,7 @@ def test_single_process_train_with_vllm(tiny, tmp_path):
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        assert r["rollout/logprob_gap_max"] < 1e-3, r  # fp32 on both sides: a broken sync shows up here
+        assert r["mismatch/abs_log_ratio_max"] < 1e-3, r  # fp32 on both sides: a broken sync shows up here
         assert isinstance(r["loss/total"], float), r  # the logger writes non-finite values as strings
     assert (out / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
 
@@ -307,7 +327,7 @@ def test_train_tp2_with_vllm_tp2(tiny, tmp_path):
                     env={"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})  # fmt: skip
     rows = _rows(tmp_path / "v2")
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["rollout/logprob_gap_max"] < 1e-3 for r in rows), rows
+    assert all(r["mismatch/abs_log_ratio_max"] < 1e-3 for r in rows), rows
 
 
 # --- what a user sees ----------------------------------------------------------------------------
