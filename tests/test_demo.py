@@ -189,23 +189,46 @@ def test_plot_smoothing_is_a_trailing_mean():
     assert plot.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
-def test_compare_table_means_stds_and_changes_over_seeds():
+def test_compare_table_intervals_and_paired_differences():
     from megatron_less.demo.compare import table
 
-    results = {"grpo": {0: {"avg@8": 0.5, "avg@8 start": 0.3}, 1: {"avg@8": 0.7, "avg@8 start": 0.4}},
-               "less": {0: {"avg@8": 0.6, "avg@8 start": 0.3}}}  # fmt: skip
-    lines = table(results).splitlines()
-    assert lines[0].split() == ["method", "avg@8", "mean", "std", "change", "seeds"]
-    assert lines[1].split() == ["grpo", "0.600", "0.141", "+0.250", "2"]
-    assert lines[2].split() == ["less", "0.600", "0.000", "+0.300", "1"]
+    # grpo avg@8 over seeds 0.5, 0.7, 0.6: mean 0.6, s 0.1, half-width t(2) 4.303 * 0.1 / sqrt(3) = 0.248
+    # less - grpo per seed: +0.1, +0.1, +0.1 -> mean 0.1, s 0: the interval excludes zero, 3 of 3 won
+    # std@8: less - grpo = -0.1, 0, +0.1 -> mean 0, half 4.303 * 0.1 / sqrt(3) = 0.248; wins: lower is better -> 1
+    grpo = {s: {"avg@8": a, "avg@8 start": 0.3, "std@8": 0.2, "std@8 start": 0.3} for s, a in enumerate([0.5, 0.7, 0.6])}
+    less = {s: {"avg@8": a + 0.1, "avg@8 start": 0.3, "std@8": 0.2 + d, "std@8 start": 0.3}
+            for (s, a), d in zip(enumerate([0.5, 0.7, 0.6]), [-0.1, 0.0, 0.1])}  # fmt: skip
+    lines = table({"grpo": grpo, "less": less}).splitlines()
+    assert lines[1].split() == ["method", "avg@8", "std@8", "seeds"]
+    assert lines[2].split() == ["grpo", "0.600", "±", "0.248", "(+0.300)", "0.200", "±", "0.000", "(-0.100)", "3"]
+    row = next(line for line in lines if line.startswith("less") and "/3" in line).split()
+    assert row[1:6] == ["+0.100", "±", "0.000", "3/3", "*"]
+    assert row[6:] == ["+0.000", "±", "0.248", "1/3", "~0"]
+
+
+def test_seed_intervals():
+    from megatron_less.eval.seeds import mean_interval, paired, t975
+
+    iv = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # s = 1.5811, t(4) = 2.776 -> 2.776 * 1.5811 / sqrt(5) = 1.963
+    assert (iv.mean, round(iv.half, 3), iv.includes_zero()) == (3.0, 1.963, False)
+    assert mean_interval([0.2]).includes_zero() and str(mean_interval([0.2])) == "0.200 (1 seed)"
+    assert t975(1) == 12.706 and t975(100) == 1.96
+    pr = paired({0: 0.5, 1: 0.4, 2: 0.9}, {0: 0.4, 1: 0.4, 2: 0.6, 3: 0.1})  # seed 3 unpaired: left out
+    assert (pr.n, pr.wins, pr.ties, round(pr.diff.mean, 6)) == (3, 2, 1, round(0.4 / 3, 6))
+    with pytest.raises(ValueError, match="share no seed"):
+        paired({0: 1.0}, {1: 1.0})
 
 
 @pytest.mark.slow
-def test_compare_runs_methods_over_a_seed(tmp_path):
-    cmd = [sys.executable, "-m", "megatron_less.cli", "compare", "--out", str(tmp_path), "--seeds", "0",
-           "--methods", "grpo,dapo", "--warmup-steps", "40", "train.steps=2", "eval.every=2", "eval.limit=4", "eval.n=2",
-           "batch.prompts_per_step=4", "batch.mini_batch_prompts=4"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+def test_compare_quick_on_the_chain_of_thought_task(tmp_path):
+    """`compare --quick --task columns`: two seeds, GRPO and DAPO, a few steps; the table (with
+    its paired differences) and the PNG are produced. It asserts nothing about who wins."""
+    cmd = [sys.executable, "-m", "megatron_less.cli", "compare", "--out", str(tmp_path), "--task", "columns", "--quick",
+           "--methods", "grpo,dapo"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {"grpo", "dapo"} <= set((tmp_path / "compare.txt").read_text().split())
+    text = (tmp_path / "compare.txt").read_text()
+    assert "paired differences against grpo" in text and text.count("± ") >= 6, text
+    assert {"grpo", "dapo", "avg@2", "worst@2", "std@2"} <= set(text.split()), text
+    assert json.loads((tmp_path / "compare.json").read_text())["task"] == "columns"
     assert (tmp_path / "compare.png").stat().st_size > 5000

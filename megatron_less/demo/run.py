@@ -17,29 +17,39 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_less.demo import model, task
+from megatron_less.demo import model, tasks
+from megatron_less.demo.task import write_jsonl
 
 CONFIG = Path(__file__).with_name("demo.yaml")
-WARMUP_STEPS = 300  # ~1/3 held-out accuracy at temperature 1, pass@8 ~0.9: groups with mixed outcomes
 
 
-def prepare(out: Path, seed: int, warmup_steps: int = WARMUP_STEPS) -> tuple[Path, Path, Path]:
-    """(model folder, training file, held-out file) for this seed; the model is reused when a
-    previous demo built it with the same settings."""
-    train_rows, heldout_rows = task.split(seed)
-    train_file = task.write_jsonl(train_rows, out / "data" / "train.jsonl")
-    heldout_file = task.write_jsonl(heldout_rows, out / "data" / "heldout.jsonl")
+def prepare(out: Path, seed: int, warmup_steps: int | None = None, task: str = "addition") -> tuple[Path, Path, Path]:
+    """(model folder, training file, held-out file) for this seed and task; the model is reused
+    when a previous run built it with the same settings. ``warmup_steps``: the task's default."""
+    t = tasks.get_task(task)
+    steps = t.warmup_steps if warmup_steps is None else warmup_steps
+    train_rows, heldout_rows = t.split(seed)
+    train_file = write_jsonl(train_rows, out / "data" / "train.jsonl")
+    heldout_file = write_jsonl(heldout_rows, out / "data" / "heldout.jsonl")
     model_dir = out / "model"
     info = model_dir / "warmup.json"
-    want = {"warmup_steps": warmup_steps, "seed": seed, "problems": len(train_rows)}
+    want = {"warmup_steps": steps, "seed": seed, "problems": len(train_rows), "task": t.name}
     if not (info.is_file() and all(json.loads(info.read_text()).get(k) == v for k, v in want.items())):
-        print(f"[demo] building the tiny model: {warmup_steps} supervised warm-up steps on {len(train_rows)} "
-              "training problems", flush=True)  # fmt: skip
-        model.build_model(model_dir, train_rows, task.target, steps=warmup_steps, seed=seed)
+        print(f"[demo] building the tiny model: {steps} supervised warm-up steps on {len(train_rows)} "
+              f"training problems of task {t.name}", flush=True)  # fmt: skip
+        model.build_model(model_dir, train_rows, t.target, steps=steps, lr=t.warmup_lr, seed=seed, **t.arch)
+        info.write_text(json.dumps({**json.loads(info.read_text()), "task": t.name}, indent=1) + "\n")
     w = json.loads(info.read_text())
     print(f"[demo] model {model_dir}: {w['warmup_steps']} warm-up steps, final loss {w['final_loss']:.3f}, "
           f"built in {w['seconds']:.0f} s", flush=True)  # fmt: skip
     return model_dir, train_file, heldout_file
+
+
+def task_overrides(task: str) -> list[str]:
+    """The config keys a task sets (its lengths), before any given on the command line."""
+    t = tasks.get_task(task)
+    return [f"rollout.max_tokens={t.max_tokens}", f"eval.max_tokens={t.max_tokens}",
+            f"data.max_prompt_tokens={t.max_prompt_tokens}"]  # fmt: skip
 
 
 def train_command(config: Path, nproc: int, overrides: list[str]) -> list[str]:
@@ -104,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/demo", help="folder for the data, the model and the run")
     ap.add_argument("--seed", type=int, default=0, help="the task split, model init and warm-up seed")
     ap.add_argument("--nproc", type=int, default=2, help="processes (parallel.tp x pp x data-parallel)")
-    ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS)
+    ap.add_argument("--task", default="addition", choices=sorted(tasks.TASKS),
+                    help="the embedded task (columns: multi-digit addition worked column by column)")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default: the task's)")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (see megatron-less train)")
     args = ap.parse_args(argv)
     from megatron_less.report import plot, run_files, viewer
@@ -112,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     try:
-        files = prepare(out, args.seed, args.warmup_steps)
-        run_dir = run_training(out / "train", files, args.seed, args.nproc, args.overrides)
+        files = prepare(out, args.seed, args.warmup_steps, args.task)
+        run_dir = run_training(out / "train", files, args.seed, args.nproc, task_overrides(args.task) + args.overrides)
     except subprocess.CalledProcessError as e:
         print(f"[demo] error: training exited with {e.returncode}", file=sys.stderr)
         return 1
