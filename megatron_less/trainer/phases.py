@@ -33,13 +33,15 @@ def collect(run, step: int, timer) -> tuple[list, list[B.Sequence], dict]:
         with timer("reward"):
             reward(run, prompts, seqs)
         generated += seqs
-        groups = [(p, [s for s in seqs if s.group == g]) for g, p in enumerate(prompts)]
         if not ds.enable:
             return prompts, seqs, {"generated": generated}
         values = torch.tensor([float(s.correct if ds.metric == "correct" else s.reward) for s in seqs])
         signal = group_has_signal(values, torch.tensor([s.group for s in seqs]))
-        for g, group in enumerate(groups):
-            (kept if signal[g] else dropped).append(group)
+        by_group: dict[int, list] = {}
+        for s in seqs:
+            by_group.setdefault(s.group, []).append(s)
+        for g, p in enumerate(prompts):
+            (kept if signal[g] else dropped).append((p, by_group[g]))
         if len(kept) >= want:
             break
     take = kept[:want] if len(kept) >= want else kept[: len(kept) - len(kept) % run.dp]
