@@ -193,16 +193,20 @@ def test_compare_table_intervals_and_paired_differences():
     from megatron_less.demo.compare import table
 
     # grpo avg@8 over seeds 0.5, 0.7, 0.6: mean 0.6, s 0.1, half-width t(2) 4.303 * 0.1 / sqrt(3) = 0.248
-    # less - grpo per seed: +0.1, +0.1, +0.1 -> mean 0.1, s 0: the interval excludes zero, 3 of 3 won
+    # less - grpo per seed: +0.1, +0.1, +0.1 -> mean 0.1, s 0: no spread to judge by ("="), 3 of 3 won
     # std@8: less - grpo = -0.1, 0, +0.1 -> mean 0, half 4.303 * 0.1 / sqrt(3) = 0.248; wins: lower is better -> 1
     grpo = {s: {"avg@8": a, "avg@8 start": 0.3, "std@8": 0.2, "std@8 start": 0.3} for s, a in enumerate([0.5, 0.7, 0.6])}
     less = {s: {"avg@8": a + 0.1, "avg@8 start": 0.3, "std@8": 0.2 + d, "std@8 start": 0.3}
             for (s, a), d in zip(enumerate([0.5, 0.7, 0.6]), [-0.1, 0.0, 0.1])}  # fmt: skip
-    lines = table({"grpo": grpo, "less": less}).splitlines()
+    # dapo - grpo: +0.10, +0.12, +0.11 -> mean 0.11, s 0.01, half 4.303 * 0.01 / sqrt(3) = 0.025: excludes zero
+    dapo = {s: {**m, "avg@8": m["avg@8"] + d} for (s, m), d in zip(grpo.items(), [0.10, 0.12, 0.11])}
+    lines = table({"grpo": grpo, "less": less, "dapo": dapo}).splitlines()
+    assert next(line for line in lines if line.startswith("dapo") and "/3" in line).split()[1:6] == [
+        "+0.110", "±", "0.025", "3/3", "*"]
     assert lines[1].split() == ["method", "avg@8", "std@8", "seeds"]
     assert lines[2].split() == ["grpo", "0.600", "±", "0.248", "(+0.300)", "0.200", "±", "0.000", "(-0.100)", "3"]
     row = next(line for line in lines if line.startswith("less") and "/3" in line).split()
-    assert row[1:6] == ["+0.100", "±", "0.000", "3/3", "*"]
+    assert row[1:6] == ["+0.100", "±", "0.000", "3/3", "="]
     assert row[6:] == ["+0.000", "±", "0.248", "1/3", "~0"]
 
 

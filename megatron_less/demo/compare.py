@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from megatron_less.demo import run as demo
@@ -113,10 +115,12 @@ def table(results: dict[str, dict[int, dict[str, float]]], baseline: str = "grpo
                 pr = paired({s: m[k] for s, m in per_seed.items()}, {s: m[k] for s, m in results[baseline].items()},
                             lower_is_better=_lower_is_better(k))  # fmt: skip
                 d = pr.diff
-                text = f"{d.mean:+.3f} ± {d.half:.3f} {pr.wins}/{pr.n}" + (" ~0" if d.includes_zero() else " *")
+                mark = " =" if d.half == 0 and d.mean != 0 else " ~0" if d.includes_zero() else " *"
+                text = f"{d.mean:+.3f} ± {d.half:.3f} {pr.wins}/{pr.n}{mark}"
                 cells += f"{text:>34}"
             lines.append(f"{method:<11}{cells}")
-        lines.append("~0: the interval includes zero - no difference shown at these seeds; *: it excludes zero")
+        lines.append("~0: the interval includes zero - no difference shown at these seeds; *: it excludes zero; "
+                     "=: the same difference on every seed (no spread to judge it by)")
     return "\n".join(lines)
 
 
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated, of {', '.join(METHODS)} (the bf16 ones need vLLM)")
     ap.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default: the task's)")
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (1: tp 1, the cheapest on 2 cores)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="trainings at a time (each single-threaded; default: up to 2, one per core)")
     ap.add_argument("--quick", action="store_true", help="a smoke test: 2 seeds, 2 steps, 4 problems, short warm-up")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every run (see megatron-less train)")
     args = ap.parse_args(argv)
@@ -167,19 +173,30 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {m: {} for m in methods}
     curves: dict = {m: {} for m in methods}
     t0 = time.perf_counter()
-    for seed in seeds:
-        files = demo.prepare(out / f"seed{seed}", seed, warmup, args.task)  # shared by the seed's methods
-        for method in methods:
+    files = {seed: demo.prepare(out / f"seed{seed}", seed, warmup, args.task) for seed in seeds}  # one per seed
+
+    def train(seed: int, method: str) -> tuple[int, str, Path]:
+        try:
+            return seed, method, demo.run_training(out / f"seed{seed}" / method, files[seed], seed, args.nproc,
+                                                   shared + table_methods[method] + args.overrides, quiet=True)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"{method} seed {seed}: training exited with {e.returncode}") from None
+
+    # runs are independent (each seeded, one thread each): `jobs` of them at a time use the cores
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in as_completed([pool.submit(train, seed, m) for seed in seeds for m in methods]):
             try:
-                run_dir = demo.run_training(out / f"seed{seed}" / method, files, seed, args.nproc,
-                                            shared + table_methods[method] + args.overrides, quiet=True)
-            except subprocess.CalledProcessError as e:
-                print(f"error: {method} seed {seed}: training exited with {e.returncode}", file=sys.stderr)
+                seed, method, run_dir = future.result()
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                pool.shutdown(cancel_futures=True)  # the runs already going finish; none start
                 return 1
             results[method][seed] = final_metrics(run_dir)
             curves[method][seed] = _curve(run_dir)
             print(f"[compare] seed {seed} {method}: {results[method][seed]} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)  # fmt: skip
+    results = {m: dict(sorted(r.items())) for m, r in results.items()}
+    curves = {m: dict(sorted(c.items())) for m, c in curves.items()}
     text = table(results) + f"\n\ntask {args.task}, seeds {seeds}, {time.perf_counter() - t0:.0f} s"
     (out / "compare.json").write_text(json.dumps({"task": args.task, "results": results, "curves": curves}, indent=1)
                                       + "\n")  # fmt: skip
