@@ -3,11 +3,12 @@ add up, splits are seeded and disjoint, prompts and answers fit the task's token
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from megatron_less.demo import columns, model, task
+from megatron_less.demo import chain, columns, model, task
 from megatron_less.demo.tasks import TASKS, Task, get_task
 from megatron_less.rewards.math import compute_score
 
@@ -86,13 +87,14 @@ def test_columns_split_refuses_impossible_sizes():
 
 
 def test_registry_entries_and_unknown_name():
-    assert set(TASKS) == {"addition", "columns"}
+    assert set(TASKS) == {"addition", "columns", "chain"}
     assert all(isinstance(t, Task) and TASKS[name] is t and t.name == name for name, t in TASKS.items())
     add = get_task("addition")
     assert (add.split, add.target) == (task.split, task.target)
     assert (add.max_tokens, add.max_prompt_tokens, add.warmup_steps, add.warmup_lr, add.arch) == (24, 32, 300, 1e-3, {})
     assert get_task("columns").target is columns.target
-    with pytest.raises(ValueError, match=r"unknown demo task 'nope': valid tasks are addition, columns"):
+    assert (get_task("chain").split, get_task("chain").target) == (chain.split, chain.target)
+    with pytest.raises(ValueError, match=r"unknown demo task 'nope': valid tasks are addition, chain, columns"):
         get_task("nope")
     with pytest.raises(AttributeError):  # frozen
         add.max_tokens = 1
@@ -113,3 +115,90 @@ def test_prompts_and_answers_fit_the_token_limits(name, tmp_path):
         assert t.max_prompt_tokens + t.max_tokens <= arch["max_position_embeddings"]
         if name == "columns":
             assert 40 <= answer <= 120, (row, answer)
+        if name == "chain":  # 5 operands: 39-47 tokens, 6: 51-57
+            assert 39 <= answer <= 60, (row, answer)
+
+
+# --- the running-sum task (megatron_less/demo/chain.py) ---
+
+
+def _chain_rows(per_count: int = 40) -> list[dict]:
+    rows = []
+    for k in range(chain.MIN_OPERANDS, chain.MAX_OPERANDS + 1):
+        rows += chain.problems(min(per_count, math.perm(chain.HIGH - chain.LOW + 1, k) // 2), seed=k, operands=(k,))
+    return rows
+
+
+def test_chain_references_verify_and_a_wrong_sum_scores_zero():
+    rows = _chain_rows()
+    assert len(rows) >= 300
+    for row in rows:
+        ref = chain.target(row)
+        assert compute_score(ref, row["answer"]).score == 1.0, ref
+        wrong = str(int(row["answer"]) + 1)
+        assert compute_score(ref.replace(f"\\boxed{{{row['answer']}}}", f"\\boxed{{{wrong}}}"), row["answer"]).score == 0.0
+        # a trace whose last line is off by one boxes a wrong sum: 0
+        steps = chain.steps(row["terms"])
+        off = steps[:-1] + [chain.Step(steps[-1].total, steps[-1].operand, steps[-1].result - 1)]
+        assert compute_score(chain.render(off, str(off[-1].result)), row["answer"]).score == 0.0
+
+
+def test_chain_traces_parse_into_one_consistent_line_per_operand():
+    for row in _chain_rows(30):
+        steps = chain.parse_trace(chain.target(row))
+        assert len(steps) == row["operands"] - 1 == len(row["terms"]) - 1
+        assert steps[0].total == row["terms"][0]
+        assert [s.operand for s in steps] == row["terms"][1:]
+        assert all(s.consistent for s in steps) and chain.chained(steps)
+        assert steps[-1].result == int(row["answer"]) == sum(row["terms"])
+
+
+def test_chain_example_and_parse_finds_a_wrong_line_and_refuses_garbage():
+    row = chain.make_row([3, 5, 9, 2, 7, 4])
+    assert row["prompt"] == "What is 3 + 5 + 9 + 2 + 7 + 4?\nAnswer:" and row["answer"] == "30"
+    ref = chain.target(row)
+    assert ref == " 3 + 5 = 8\n 8 + 9 = 17\n 17 + 2 = 19\n 19 + 7 = 26\n 26 + 4 = 30\n \\boxed{30}"
+    assert chain.parse_trace(ref)[1] == chain.Step(8, 9, 17)
+    bad = ref.replace("8 + 9 = 17", "8 + 9 = 16")
+    steps = chain.parse_trace(bad)
+    assert [s.consistent for s in steps] == [True, False, True, True, True]
+    assert not chain.chained(steps)
+    # consistent lines that do not carry the running total on are not a chain
+    assert not chain.chained(chain.parse_trace(ref.replace(" 17 + 2 = 19\n", " 16 + 2 = 18\n")))
+    with pytest.raises(ValueError, match="line 3"):
+        chain.parse_trace(ref.replace(" 17 + 2", " 17 plus 2"))
+    with pytest.raises(ValueError, match="answer"):
+        chain.parse_trace(ref.replace("\\boxed{30}", "30"))
+    assert len(chain.parse_trace("garbage\n" + bad, strict=False)) == 5
+
+
+def test_chain_make_row_refuses_bad_operands():
+    for terms in ([3], [0, 4], [10, 1], [3, 3, 4], list(range(1, 11))):
+        with pytest.raises(ValueError):
+            chain.make_row(terms)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chain_split_is_seeded_disjoint_and_sized(seed):
+    train, held = chain.split(seed)
+    assert (len(train), len(held)) == (chain.TRAIN_PROBLEMS, chain.HELDOUT_PROBLEMS)
+    assert chain.split(seed) == (train, held)
+    assert chain.split(seed + 2) != (train, held)
+    train_prompts = {r["prompt"] for r in train}
+    assert len(train_prompts) == len(train)
+    assert len({r["prompt"] for r in held}) == len(held)
+    assert not train_prompts & {r["prompt"] for r in held}
+    assert {r["operands"] for r in train + held} == set(chain.OPERANDS)
+    for r in random.Random(seed).sample(train + held, 50):
+        assert r == chain.make_row(r["terms"])
+        assert len(set(r["terms"])) == len(r["terms"]) == r["operands"]
+        assert all(chain.LOW <= t <= chain.HIGH for t in r["terms"])
+
+
+def test_chain_split_refuses_impossible_sizes():
+    with pytest.raises(ValueError, match="operands"):
+        chain.split(0, operands=(1,))
+    with pytest.raises(ValueError, match="operands"):
+        chain.split(0, operands=(10,))
+    with pytest.raises(ValueError, match="too many"):
+        chain.split(0, train=4000, heldout=100, operands=(3,))  # 504 ordered triples of distinct digits
