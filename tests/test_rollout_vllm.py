@@ -231,6 +231,27 @@ def _count_generated(engine):
         del llm.generate
 
 
+def _big_batch(engine) -> dict:
+    """Seeded requests whose prompts overflow one engine step's token budget (512 x 40 prompt
+    tokens): vLLM must not split a prompt's prefill across steps on a CPU (a split prefill
+    rewinds the request's generator, which a CPU generator refuses: "CPU Generator does not use
+    offset"), and each request samples the same tokens as in a small batch."""
+    import torch
+
+    from megatron_less.rollout.base import SamplingParams
+
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 200, (40,), generator=gen).tolist() for _ in range(64)]
+    params = SamplingParams(temperature=1.0, max_tokens=2, seed=7)
+    try:
+        big = engine.generate(prompts, 8, params)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    small = engine.generate(prompts[:4], 8, params)
+    same = [[r.token_ids for r in g] for g in big[:4]] == [[r.token_ids for r in g] for g in small]
+    return {"error": None, "groups": len(big), "same_as_small_batch": same}
+
+
 def _job(layouts, rollout_tp):
     """Per trainer layout two phases: one sync in a single bucket, then (after a sleep cycle)
     one bucket per layer."""
@@ -250,6 +271,7 @@ def _job(layouts, rollout_tp):
         out[(tp, pp)] = [_phase(engine, policy, arch, 0), _phase(engine, policy, arch, 1, bucket_bytes=1, sleep=True)]
         if (tp, pp) == (1, 1):
             out["partial_sync"] = _partial_sync(engine, policy, arch)
+            out["big_batch"] = _big_batch(engine)
     engine.shutdown()
     runtime.destroy()
     return out
@@ -412,3 +434,11 @@ def test_rollout_tp_disables_custom_all_reduce(single, pair, replicas):
         assert pair[r]["engine_kwargs"].get("disable_custom_all_reduce") is True
         assert not replicas[r]["engine_kwargs"].get("disable_custom_all_reduce")
     assert not single["engine_kwargs"].get("disable_custom_all_reduce")
+
+
+def test_prefill_larger_than_a_step_is_not_split_on_cpu(single):
+    """Found by a 512-request evaluation of the chain task: vLLM split a prompt's prefill, then
+    crashed rewinding the request's seeded CPU generator."""
+    res = single["big_batch"]
+    assert res["error"] is None, res
+    assert res["groups"] == 64 and res["same_as_small_batch"], res

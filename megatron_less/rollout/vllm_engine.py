@@ -108,6 +108,9 @@ class VLLMEngine(RolloutEngine):
         else:
             # CPU: automatic KV sizing refuses to start beside the trainer; size it explicitly.
             kw["kv_cache_memory_bytes"] = kv_cache_bytes or (256 << 20)
+            # a prefill split across steps rewinds the request's seeded generator, and a CPU
+            # generator has no offset to rewind (vLLM 0.32 raises): whole prefills only
+            kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(kw["max_model_len"], 8192))
         if kv_cache_bytes and on_gpu:
             kw["kv_cache_memory_bytes"] = kv_cache_bytes
         if rollout_tp > 1:
