@@ -224,15 +224,15 @@ def test_seed_intervals():
 
 
 @pytest.mark.slow
-def test_compare_quick_on_the_chain_of_thought_task(tmp_path):
-    """`compare --quick --task columns`: two seeds, GRPO and DAPO, a few steps; the table (with
+def test_compare_quick_on_the_chain_task(tmp_path):
+    """`compare --quick --task chain`: two seeds, GRPO and DAPO, a few steps; the table (with
     its paired differences) and the PNG are produced. It asserts nothing about who wins."""
-    cmd = [sys.executable, "-m", "megatron_less.cli", "compare", "--out", str(tmp_path), "--task", "columns", "--quick",
+    cmd = [sys.executable, "-m", "megatron_less.cli", "compare", "--out", str(tmp_path), "--task", "chain", "--quick",
            "--methods", "grpo,dapo"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (tmp_path / "compare.txt").read_text()
     assert "paired differences against grpo" in text and text.count("± ") >= 6, text
     assert {"grpo", "dapo", "avg@2", "worst@2", "std@2"} <= set(text.split()), text
-    assert json.loads((tmp_path / "compare.json").read_text())["task"] == "columns"
+    assert json.loads((tmp_path / "compare.json").read_text())["task"] == "chain"
     assert (tmp_path / "compare.png").stat().st_size > 5000

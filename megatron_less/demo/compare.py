@@ -8,7 +8,7 @@ The toy-scale test of the LESS paper's claim (LESS raises average and worst-case
 lowers their variance). Each seed has its own task split, model and warm-up; within a seed every
 method starts from the same model and sees the same prompts.
 
-    megatron-less compare [--task columns] [--seeds 0,1,2,3,4] [--methods grpo,less] [--quick]"""
+    megatron-less compare [--task chain] [--seeds 0,1,2,3,4] [--methods grpo,less] [--quick]"""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ from megatron_less.report.plot import save_figure
 REGIME = {
     # the demo's 60 steps of 32 prompts x 8, half its learning rate for the two steps per batch
     "addition": ["batch.mini_batch_prompts=16", "optim.lr=1e-4"],
+    # the chain-of-thought tasks: ~3x the addition task's tokens per response, so half the prompts
+    # per step; 64 held-out problems x 8 per evaluation
+    "chain": ["train.steps=30", "batch.prompts_per_step=16", "batch.mini_batch_prompts=8", "optim.lr=1e-4",
+              "eval.every=10", "eval.limit=64", "batch.micro_batch_tokens=8192", "log.rollouts_per_step=16"],
     "columns": ["train.steps=30", "batch.prompts_per_step=16", "batch.mini_batch_prompts=8", "optim.lr=1e-4",
                 "eval.every=10", "eval.limit=64", "batch.micro_batch_tokens=8192", "log.rollouts_per_step=16"],
 }  # fmt: skip
