@@ -21,9 +21,10 @@ held-out rows (no held-out prompt appears in training)."""
 from __future__ import annotations
 
 import math
-import random
 import re
 from dataclasses import dataclass
+
+from megatron_less.demo.task import distinct_by_prompt
 
 PROMPT_PREFIX, PROMPT_SUFFIX = "What is ", "?\nAnswer:"
 LOW, HIGH = 1, 9  # single-digit operands
@@ -63,16 +64,7 @@ def problems(n: int, seed: int, operands: tuple[int, ...] = OPERANDS) -> list[di
     space = sum(math.perm(HIGH - LOW + 1, k) for k in set(operands))
     if n > space // 2:
         raise ValueError(f"n={n}: too many problems for operands={operands} ({space} exist; ask for at most half)")
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    rows = []
-    while len(rows) < n:
-        k = rng.choice(operands)
-        row = make_row(rng.sample(range(LOW, HIGH + 1), k))
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            rows.append(row)
-    return rows
+    return distinct_by_prompt(n, seed, lambda rng: make_row(rng.sample(range(LOW, HIGH + 1), rng.choice(operands))))
 
 
 def split(seed: int, train: int = TRAIN_PROBLEMS, heldout: int = HELDOUT_PROBLEMS,

@@ -19,9 +19,10 @@ held-out rows (no held-out prompt appears in training)."""
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
+
+from megatron_less.demo.task import distinct_by_prompt
 
 TEMPLATE = "What is {a} + {b}?\nAnswer:"
 PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
@@ -54,17 +55,13 @@ def problems(n: int, seed: int, digits: tuple[int, ...] = DIGITS) -> list[dict]:
     space = sum((9 * 10 ** (d - 1)) ** 2 for d in set(digits))
     if n > space // 2:
         raise ValueError(f"n={n}: too many problems for digits={digits} ({space} exist; ask for at most half)")
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    rows = []
-    while len(rows) < n:
+
+    def draw(rng):
         d = rng.choice(digits)
         lo, hi = 10 ** (d - 1), 10**d - 1
-        row = make_row(rng.randint(lo, hi), rng.randint(lo, hi))
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            rows.append(row)
-    return rows
+        return make_row(rng.randint(lo, hi), rng.randint(lo, hi))
+
+    return distinct_by_prompt(n, seed, draw)
 
 
 def split(seed: int, train: int = TRAIN_PROBLEMS, heldout: int = HELDOUT_PROBLEMS,

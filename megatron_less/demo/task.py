@@ -30,6 +30,20 @@ def split(seed: int, heldout: int = 100, max_operand: int = 19) -> tuple[list[di
     return rows[heldout:], rows[:heldout]
 
 
+def distinct_by_prompt(n: int, seed: int, draw) -> list[dict]:
+    """``n`` rows from ``draw(rng)`` (rng: random.Random(seed)), each prompt once: the generated
+    tasks' problems, drawn until enough distinct ones exist (the caller bounds ``n``)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows = []
+    while len(rows) < n:
+        row = draw(rng)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows
+
+
 def target(row: dict) -> str:
     """The supervised answer the warm-up teaches."""
     return f" {row['a']} + {row['b']} = {row['answer']}. \\boxed{{{row['answer']}}}"
