@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from megatron_less.demo.task import distinct_by_prompt
+from megatron_less.demo.task import distinct_by_prompt, train_heldout
 
 PROMPT_PREFIX, PROMPT_SUFFIX = "What is ", "?\nAnswer:"
 LOW, HIGH = 1, 9  # single-digit operands
@@ -71,10 +71,7 @@ def split(seed: int, train: int = TRAIN_PROBLEMS, heldout: int = HELDOUT_PROBLEM
           operands: tuple[int, ...] = OPERANDS) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """(training rows, held-out rows): ``train`` and ``heldout`` problems, disjoint by prompt,
     the same for the same arguments."""
-    if train < 1 or heldout < 1:
-        raise ValueError(f"train={train}, heldout={heldout}: both must be at least 1")
-    rows = problems(train + heldout, seed, operands)
-    return rows[heldout:], rows[:heldout]
+    return train_heldout(lambda n: problems(n, seed, operands), train, heldout)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from megatron_less.demo.task import distinct_by_prompt
+from megatron_less.demo.task import distinct_by_prompt, train_heldout
 
 TEMPLATE = "What is {a} + {b}?\nAnswer:"
 PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
@@ -68,10 +68,7 @@ def split(seed: int, train: int = TRAIN_PROBLEMS, heldout: int = HELDOUT_PROBLEM
           digits: tuple[int, ...] = DIGITS) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """(training rows, held-out rows): ``train`` and ``heldout`` problems, disjoint by prompt,
     the same for the same arguments."""
-    if train < 1 or heldout < 1:
-        raise ValueError(f"train={train}, heldout={heldout}: both must be at least 1")
-    rows = problems(train + heldout, seed, digits)
-    return rows[heldout:], rows[:heldout]
+    return train_heldout(lambda n: problems(n, seed, digits), train, heldout)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,15 @@ def distinct_by_prompt(n: int, seed: int, draw) -> list[dict]:
     return rows
 
 
+def train_heldout(draw_rows, train: int, heldout: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows) from ``draw_rows(n)``'s n distinct problems: the held-out
+    ones first, so they stay the same whatever ``train`` is."""
+    if train < 1 or heldout < 1:
+        raise ValueError(f"train={train}, heldout={heldout}: both must be at least 1")
+    rows = draw_rows(train + heldout)
+    return rows[heldout:], rows[:heldout]
+
+
 def target(row: dict) -> str:
     """The supervised answer the warm-up teaches."""
     return f" {row['a']} + {row['b']} = {row['answer']}. \\boxed{{{row['answer']}}}"
