@@ -5,8 +5,10 @@ from the starting model, paired per-seed differences against GRPO) and a PNG of 
 accuracy over steps.
 
 The toy-scale test of the LESS paper's claim (LESS raises average and worst-case accuracy and
-lowers their variance). Each seed has its own task split, model and warm-up; within a seed every
-method starts from the same model and sees the same prompts.
+lowers their variance). As in the paper (one base model, several RL runs), every seed starts from
+one warmed-up model on one task split, and the seed drives the RL run: prompt order and sampling.
+Within a seed every method sees the same prompts. ``--model-per-seed`` gives each seed its own
+split and warm-up instead (a wider notion of noise, at one warm-up per seed).
 
     megatron-less compare [--task chain] [--seeds 0,1,2,3,4] [--methods grpo,less] [--quick]"""
 
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (1: tp 1, the cheapest on 2 cores)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="trainings at a time (each single-threaded; default: up to 2, one per core)")
+    ap.add_argument("--model-per-seed", action="store_true",
+                    help="each seed its own task split and warm-up (default: one model, built with seed 0)")
     ap.add_argument("--quick", action="store_true", help="a smoke test: 2 seeds, 2 steps, 4 problems, short warm-up")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for every run (see megatron-less train)")
     args = ap.parse_args(argv)
@@ -177,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {m: {} for m in methods}
     curves: dict = {m: {} for m in methods}
     t0 = time.perf_counter()
-    files = {seed: demo.prepare(out / f"seed{seed}", seed, warmup, args.task) for seed in seeds}  # one per seed
+    if args.model_per_seed:
+        files = {seed: demo.prepare(out / f"seed{seed}", seed, warmup, args.task) for seed in seeds}
+    else:
+        files = dict.fromkeys(seeds, demo.prepare(out / "base", 0, warmup, args.task))
 
     def train(seed: int, method: str) -> tuple[int, str, Path]:
         try:
