@@ -32,12 +32,14 @@ SINGLE_PROCESS = [
 ]
 # Order matters: a failed p2p transfer leaves the process group broken, so it goes last.
 PIPELINE = ["tied_embedding_sync", None, "p2p_device"]
+# TP2 with sequence parallelism: the sequence-split collectives and the linear's backward
+SEQUENCE_PARALLEL = [None, "sequence_parallel_mappings", "sequence_parallel_linear"]
 # bf16 + the distributed optimizer (the recipes' numerics): a step, a checkpoint of model and
 # optimizer, a load into a fresh optimizer (the last two patches apply without apex/TE)
 BF16_DISTRIBUTED = ["optimizer_type_names", "distrib_state_dict_fresh", "distrib_load_shared_step"]
 
 
-def _train_step_without(tp, pp, names):
+def _train_step_without(tp, pp, names, sequence_parallel=False):
     """A full step (build, forward/backward over 2 micro-batches, clipped Adam step, torch_dist
     checkpoint save) with one patch removed at a time; returns the error per patch (None: it
     worked) and, under "where:<patch>", the innermost megatron-core frame ("module:function") of
@@ -70,7 +72,8 @@ def _train_step_without(tp, pp, names):
         with ctx:
             try:
                 # local attention: the SDPA module builds no causal mask (the causal_mask patch's spot)
-                policy = build_policy(arch, tp=tp, pp=pp, optim=OptimConfig(clip_grad=1.0), attention="local")
+                policy = build_policy(arch, tp=tp, pp=pp, optim=OptimConfig(clip_grad=1.0), attention="local",
+                                      sequence_parallel=sequence_parallel)
                 if name is None and pp > 1:
                     out["tied_weight"] = policy.module.shared_embedding_or_output_weight().detach().clone()
                 toks = torch.randint(0, arch.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
@@ -82,7 +85,7 @@ def _train_step_without(tp, pp, names):
 
                 forward_backward(policy, list(toks.chunk(2)), fwd, num_microbatches=2, seq_length=16, micro_batch_size=2)
                 policy.optimizer.step()
-                if pp == 1:  # one save proves the writer patch; PP runs test the schedule
+                if pp == 1 and tp == 1:  # one save proves the writer patch; PP and SP runs test their spots
                     from megatron_less.checkpoints.model import save_checkpoint
 
                     with tempfile.TemporaryDirectory() as d:
@@ -203,9 +206,14 @@ def pipeline():
     return run_distributed(_train_step_without, 2, (1, 2, PIPELINE), timeout=300)
 
 
+@pytest.fixture(scope="module")
+def sequence_parallel():
+    return run_distributed(_train_step_without, 2, (2, 1, SEQUENCE_PARALLEL, True), timeout=300)
+
+
 @cpu_only
 def test_every_patch_is_covered():
-    covered = set(SINGLE_PROCESS) | {n for n in PIPELINE if n} | set(BF16_DISTRIBUTED)
+    covered = set(SINGLE_PROCESS) | {n for n in PIPELINE + SEQUENCE_PARALLEL if n} | set(BF16_DISTRIBUTED)
     assert covered == set(mcore_compat.PATCHES) | set(mcore_compat.TORCH_ADAM_PATCHES)
 
 
@@ -245,6 +253,14 @@ def test_bf16_distributed_patch_still_needed(single, name):
 def test_pipeline_patch_still_needed(pipeline, name):
     errs = [(r[name], r.get(f"where:{name}")) for r in pipeline]
     assert any(e and _at_the_patched_call(name, e, w) for e, w in errs), f"patch {name!r} no longer needed? {errs}"
+
+
+@cpu_only
+def test_sequence_parallel_step_and_patches(sequence_parallel):
+    assert [r[None] for r in sequence_parallel] == [None, None]  # TP2 + SP trains with every patch
+    for name in (n for n in SEQUENCE_PARALLEL if n):
+        errs = [(r[name], r.get(f"where:{name}")) for r in sequence_parallel]
+        assert all(e and _at_the_patched_call(name, e, w) for e, w in errs), f"patch {name!r} no longer needed? {errs}"
 
 
 @cpu_only

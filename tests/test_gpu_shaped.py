@@ -51,7 +51,7 @@ def _check_local_spec(module, config, attention: str, apex: bool) -> None:
 
     assert config.bias_activation_fusion and config.bias_dropout_fusion  # the GPU branch ran
     assert config.masked_softmax_fusion == apex  # apex's kernels, not TE's
-    assert not config.persist_layer_norm  # no norm of these specs takes it (WrappedTorchNorm refuses it)
+    assert not config.persist_layer_norm  # no norm of these specs takes it (megatron's WrappedTorchNorm refuses it)
     layer = module.decoder.layers[0]
     assert isinstance(layer.input_layernorm, torch.nn.RMSNorm)
     core = type(layer.self_attention.core_attention)

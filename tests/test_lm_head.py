@@ -178,6 +178,12 @@ def _tp2_job():
         unf = list(_grads(_unfused, hidden, w, target, gl, gh, **kw))
         dist.all_reduce(unf[2])  # the input gradient megatron's ColumnParallelLinear all-reduces
         out[name] = dict(fused=(lp.detach(), ent.detach(), h.grad, ww.grad), unfused=unf, fwd=fwd, bwd=bwd)
+        # sequence_parallel: the caller's all-gather reduce-scatters dL/dh, so the op leaves it unreduced
+        h = hidden.clone().requires_grad_()
+        lp, ent = fused_op(h, w, target, tile_tokens=tile, sequence_parallel=True, **kw)
+        calls.clear()
+        (lp * gl + ent * gh).sum().backward()
+        out[name]["sp"] = dict(d_hidden=h.grad, bwd=list(calls))
     dist.destroy_process_group()
     return out
 
@@ -198,6 +204,17 @@ def test_tp2_matches_unfused_and_float64(tp2, name):
         assert _rel(got[3], unf[3]) < REL
     d_w = torch.cat([tp2[r][name]["fused"][3] for r in range(2)])
     assert _rel(d_w, ref[3]) < REL
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tp2_sequence_parallel_leaves_the_hidden_gradient_to_the_caller(tp2, name):
+    """Under sequence parallelism: no collective in backward; each rank's d_hidden is its
+    vocabulary shard's part, and the parts sum (megatron's reduce-scatter) to the full gradient."""
+    hidden, weight, target, gl, gh, temp, tile, vocab = _case(name)
+    ref = _ref(hidden, weight, target, gl, gh, temp, vocab)
+    parts = [tp2[r][name]["sp"]["d_hidden"] for r in range(2)]
+    assert all(tp2[r][name]["sp"]["bwd"] == [] for r in range(2))
+    assert _rel(parts[0] + parts[1], ref[2]) < REL and _rel(parts[0], ref[2]) > 0.01
 
 
 @pytest.mark.parametrize("name", CASES)

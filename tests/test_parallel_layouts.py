@@ -1,4 +1,5 @@
-"""One tiny Qwen2 trains identically at TP1, TP2, PP2 and TP2xPP2 (DP fills the 4 ranks)."""
+"""One tiny Qwen2 trains identically at TP1, TP2, PP2 and TP2xPP2 (DP fills the 4 ranks), and at
+TP2 and TP2xPP2 with sequence parallelism (megatron's output layer and loss on split sequences)."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from megatron_less.parallel.spawn import run_distributed
 from tests import tiny
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+SP_LAYOUTS = [(2, 1, "sp"), (2, 2, "sp")]  # the same, sequence-parallel
 GLOBAL_BATCH, SEQ, MICROBATCHES = 8, 32, 2
 LR = 1e-2
 # Where |grad| ~ eps, Adam's first step g / (|g| + eps) turns fp32 rounding of a tiny gradient
@@ -26,9 +28,10 @@ def _layouts_job(layouts):
     arch = qwen2.Qwen2Arch.from_hf(tiny.BASE)
     tokens = torch.randint(0, arch.vocab_size, (2, GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     out = {}
-    for tp, pp in layouts:
+    for tp, pp, *sp in layouts:
         runtime.initialize(tp, pp, seed=7)
-        policy = build_policy(arch, tp=tp, pp=pp, hf_weights=hf, optim=OptimConfig(lr=LR, clip_grad=1.0, adam_eps=ADAM_EPS))
+        policy = build_policy(arch, tp=tp, pp=pp, hf_weights=hf, optim=OptimConfig(lr=LR, clip_grad=1.0, adam_eps=ADAM_EPS),
+                              sequence_parallel=bool(sp))  # fmt: skip
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
         def step(batch, forward_only):
@@ -65,7 +68,7 @@ def _layouts_job(layouts):
         keep = ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
         rank = dict(local0=local0, dp_rank=dp_rank, tp_rank=ps.get_tensor_model_parallel_rank(),
                     last_stage=ps.is_pipeline_last_stage())
-        out[(tp, pp)] = dict(loss0=loss0, loss0_after=loss0_after, loss1=loss1, grad_norm=grad_norm, ok=ok,
+        out[(tp, pp, *sp)] = dict(loss0=loss0, loss0_after=loss0_after, loss1=loss1, grad_norm=grad_norm, ok=ok,
                              dp=dp, rank=rank, weights=weights if keep else {})
     runtime.destroy()
     return out
@@ -73,9 +76,9 @@ def _layouts_job(layouts):
 
 @pytest.fixture(scope="module")
 def results():
-    per_rank = run_distributed(_layouts_job, 4, (LAYOUTS,), timeout=600)
+    per_rank = run_distributed(_layouts_job, 4, (LAYOUTS + SP_LAYOUTS,), timeout=600)
     merged = {}
-    for lay in LAYOUTS:
+    for lay in LAYOUTS + SP_LAYOUTS:
         w = {}
         for r in per_rank:
             w.update(r[lay]["weights"])
@@ -84,7 +87,7 @@ def results():
     return merged
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:])
+@pytest.mark.parametrize("layout", LAYOUTS[1:] + SP_LAYOUTS)
 def test_same_loss_and_grad_norm(results, layout):
     ref, got = results[(1, 1)], results[layout]
     assert got["loss0"] == pytest.approx(ref["loss0"], rel=1e-6, abs=1e-6)
@@ -97,7 +100,7 @@ def test_every_rank_computes_its_share_of_the_loss(results):
     TP1/PP1 (DP4) replicas' losses over the same samples."""
     dp4 = {r["dp_rank"]: r["local0"] for r in results[(1, 1)]["ranks"]}
     assert len(dp4) == 4 and len(set(dp4.values())) == 4, dp4  # 4 shards, 4 different losses
-    for lay in LAYOUTS:
+    for lay in LAYOUTS + SP_LAYOUTS:
         dp, by_replica = results[lay]["dp"], {}
         for r in results[lay]["ranks"]:
             if r["last_stage"]:
@@ -117,11 +120,11 @@ def test_loss_is_real(results):
     assert 5.0 < ref["loss0"] < 6.0
     assert ref["ok"] and ref["grad_norm"] > 0
     assert ref["loss0_after"] < ref["loss0"] - 0.05, (ref["loss0"], ref["loss0_after"])
-    for lay in LAYOUTS[1:]:
+    for lay in LAYOUTS[1:] + SP_LAYOUTS:
         assert results[lay]["loss0_after"] == pytest.approx(ref["loss0_after"], rel=1e-6), lay
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:])
+@pytest.mark.parametrize("layout", LAYOUTS[1:] + SP_LAYOUTS)
 def test_optimizer_step_moves_parameters_identically(results, layout):
     ref, got = results[(1, 1)]["weights"], results[layout]["weights"]
     initial = tiny.hf_model(seed=0).state_dict()

@@ -15,6 +15,11 @@ without repeating K and V (query head i reads KV group i // (heads / groups), me
 layout). One difference, on rows that have no key at all (fully masked padding rows): megatron
 fills their scores with -10000 and averages every value uniformly; here such a row attends to
 all keys by its scores instead of returning NaN. Neither is a real token.
+
+Packed sequences also come as TE does them: ``packed_seq_params`` in the THD layout (q, k, v
+[tokens, heads, d], sequence boundaries in ``cu_seqlens_q``); each sequence then gets its own
+causal call (the flash kernels, no [tokens, tokens] mask). The boundaries are read on the host:
+``models.packing`` keeps them in CPU memory for this module.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
@@ -54,8 +60,10 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention takes packed sequences as an explicit attention_mask, no bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention takes no attention bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, attention_mask, packed_seq_params)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b = query.shape[:2]
         # [s, b, heads, d] -> [b, heads, s, d]
@@ -75,3 +83,20 @@ class SDPAttention(MegatronModule):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
                                                  scale=self.scale, enable_gqa=self.heads != self.groups)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [s, b, heads * d]
+
+    def _packed(self, query, key, value, attention_mask, params):
+        """THD: q, k, v [t, heads, d] of sequences back to back -> [t, heads * d], each causal."""
+        if params.qkv_format != "thd" or attention_mask is not None or self.dropout:
+            raise ValueError("SDPAttention takes packed sequences in the THD layout, without a mask or dropout")
+        if not torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv) or params.cu_seqlens_q_padded is not None:
+            raise ValueError("SDPAttention's packed sequences need the same, unpadded boundaries for q and kv")
+        sizes = params.cu_seqlens_q.diff().tolist()  # host memory: no device sync
+        if sum(sizes) != query.shape[0]:
+            raise ValueError(f"packed sequences of {sum(sizes)} tokens, the input has {query.shape[0]}")
+        outs = []
+        for q, k, v in zip(*(t.split(sizes) for t in (query, key, value))):
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, n, d]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scale,
+                                               enable_gqa=self.heads != self.groups)  # fmt: skip
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs).reshape(query.shape[0], -1)

@@ -18,7 +18,8 @@ class HiddenStatesGPTModel(GPTModel):
 
     def forward(self, *args, hidden_states: bool = False, **kwargs):
         """GPTModel.forward; ``hidden_states=True``: the last stage returns the final (normed)
-        hidden states [b, s, H] (a transposed view of megatron's [s, b, H]) instead of logits."""
+        hidden states [b, s, H] (a transposed view of megatron's [s, b, H]; under sequence
+        parallelism all-gathered over the TP group first) instead of logits."""
         self._hidden_out = hidden_states
         try:
             return super().forward(*args, **kwargs)
@@ -27,9 +28,15 @@ class HiddenStatesGPTModel(GPTModel):
 
     def _postprocess(self, hidden_states, **kwargs):
         if self._hidden_out and self.post_process:
-            if self.mtp_process or self.config.sequence_parallel:
-                raise ValueError("hidden_states=True supports neither multi-token prediction nor sequence "
-                                 "parallelism (the fused LM head takes replicated hidden states)")
+            if self.mtp_process:
+                raise ValueError("hidden_states=True does not support multi-token prediction")
+            if self.config.sequence_parallel:
+                # the output layer's own gather, done here: all-gather the sequence shards; its
+                # backward reduce-scatters, so the LM head op leaves dL/dh unreduced
+                # (lm_head_logprob_entropy(sequence_parallel=True))
+                from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+                hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True)
             return hidden_states.transpose(0, 1)
         return super()._postprocess(hidden_states, **kwargs)
 

@@ -182,8 +182,8 @@ def transformer_config(
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         # persist_layer_norm stays off: only apex's FusedLayerNorm (LayerNorm, not RMSNorm) reads
-        # it, TE's norms ignore it, and the local spec's RMSNorm (WrappedTorchNorm) asserts it is
-        # off (megatron-core 0.16 and 0.19): set, it broke attention sdpa|local next to TE/apex.
+        # it, TE's norms and ours (models.norm) ignore it, and megatron's WrappedTorchNorm asserts
+        # it is off (0.16 and 0.19): set, it broke attention sdpa|local next to TE/apex.
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -217,23 +217,31 @@ def fused_softmax_available() -> bool:
 ATTENTION = ("auto", "sdpa", "local")
 
 
-def layer_spec(attention: str = "auto"):
-    """The transformer layer spec. ``auto``: TransformerEngine's when TE is importable (NGC),
+def layer_spec(attention: str = "auto", config=None):
+    """The transformer spec. ``auto``: TransformerEngine's layer when TE is importable (NGC),
     else megatron-core's local modules with SDPA core attention; ``sdpa``: local modules with
-    ``models.attention.SDPAttention``; ``local``: megatron-core's local spec as it is (its
-    unfused DotProductAttention). All share parameter names and shapes."""
+    ``models.attention.SDPAttention``; ``local``: megatron-core's local spec with its unfused
+    DotProductAttention. The local specs take ``models.norm.RMSNorm`` (sequence parallelism
+    allowed), and with ``config`` they come as this stage's block spec so that the final norm
+    is that RMSNorm too. All share parameter names and shapes."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from megatron_less.models.norm import RMSNorm
 
     if attention not in ATTENTION:
         raise ConfigError(f"attention must be one of {ATTENTION}, got {attention!r}")
     if attention == "auto" and have_te():
         return specs.get_gpt_layer_with_transformer_engine_spec()
     spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     if attention != "local":
         from megatron_less.models.attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    if config is None:
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
 
 
 def build_model(
@@ -256,7 +264,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     return HiddenStatesGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(attention),
+        transformer_layer_spec=layer_spec(attention, config),
         vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

@@ -41,7 +41,10 @@ def run_schedule(
 def forward_logits(model_chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
     """Vocab-sharded logits [B, L, V_pad/TP] on the last pipeline stage, None on other stages."""
     b, seq = tokens.shape
-    positions = torch.arange(seq, device=tokens.device).expand(b, seq)
+    pad = -seq % sequence_multiple(model_chunks[0])
+    if pad:  # right padding: a causal model's logits at the real positions are unchanged
+        tokens = torch.nn.functional.pad(tokens, (0, pad))
+    positions = torch.arange(seq + pad, device=tokens.device).expand(b, seq + pad)
     out: list[torch.Tensor] = []
 
     def step(data_iter, model):
@@ -53,5 +56,14 @@ def forward_logits(model_chunks: list, tokens: torch.Tensor) -> torch.Tensor | N
 
         return logits, keep
 
-    run_schedule(model_chunks, [tokens], step, seq_length=seq, micro_batch_size=b, forward_only=True)
-    return out[0] if out else None
+    run_schedule(model_chunks, [tokens], step, seq_length=seq + pad, micro_batch_size=b, forward_only=True)
+    return out[0][:, :seq] if out else None
+
+
+def sequence_multiple(model) -> int:
+    """What a sequence length must be a multiple of: the TP size under sequence parallelism
+    (the sequence is split over the TP group), else 1."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1

@@ -17,8 +17,11 @@ d_hidden = G W and d_weight += G^T h. d_weight accumulates over tiles, in place,
 buffer (bf16 accumulation loses the small late terms; no per-tile [V/TP, H] product is ever
 allocated); d_hidden rows each come from one matmul over the whole shard, then one all-reduce
 over the TP group in float32 - each rank holds only its vocabulary shard's part, exactly as
-megatron's ColumnParallelLinear all-reduces its input gradient. So the caller passes the
-replicated (not sequence-parallel) hidden states; under sequence parallelism gather them first.
+megatron's ColumnParallelLinear all-reduces its input gradient. The caller passes the full
+(replicated) hidden states. Under sequence parallelism it all-gathers them with megatron's
+``gather_from_sequence_parallel_region``, whose backward reduce-scatters; then
+``sequence_parallel=True`` leaves d_hidden as this rank's part (ColumnParallelLinear's SP path:
+one reduce-scatter instead of an all-reduce).
 
 Tied embeddings: pass the embedding parameter itself as ``weight``; its gradient is returned
 like any input's, so autograd adds it to the embedding's own.
@@ -114,7 +117,7 @@ def _mm_f32(a, b):
 class _LMHeadLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, group, temperature, tile, with_entropy, entropy_grad, fused,
-                vocab_size):
+                vocab_size, reduce_hidden_grad):
         ctx.set_materialize_grads(False)
         _, rank = group_info(group)
         n, vr = hidden.shape[0], weight.shape[0]
@@ -129,6 +132,7 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
         saved = merge_stats(stats, group, temperature, with_entropy)
         ctx.group, ctx.temperature, ctx.tile, ctx.inner, ctx.rank = group, temperature, tile, inner, rank
         ctx.fused, ctx.valid, ctx.entropy_grad = fused, valid, with_entropy and entropy_grad
+        ctx.reduce_hidden_grad = reduce_hidden_grad
         ctx.save_for_backward(hidden, weight, target, *saved)
         out_lp, out_h = saved[0].float(), saved[1].float()
         if not ctx.entropy_grad:
@@ -142,7 +146,7 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
             g_h = None
         want_h, want_w = ctx.needs_input_grad[:2]
         if (g_lp is None and g_h is None) or not (want_h or want_w):
-            return (None,) * 10
+            return (None,) * 11
         n, tile = hidden.shape[0], ctx.tile
         d_h = hidden.new_empty(n, hidden.shape[1], dtype=torch.float32) if want_h else None
         d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -159,10 +163,10 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
             if want_w:
                 _mm_into(d_w, g.t(), h, accumulate=True)
             del g
-        if want_h and group_info(ctx.group)[0] > 1:
+        if want_h and ctx.reduce_hidden_grad and group_info(ctx.group)[0] > 1:
             dist.all_reduce(d_h, group=ctx.group)  # every vocabulary shard's part of dL/dh
         return (d_h.to(hidden.dtype) if want_h else None, d_w.to(weight.dtype) if want_w else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def lm_head_logprob_entropy(
@@ -177,6 +181,7 @@ def lm_head_logprob_entropy(
     entropy_grad: bool = True,
     fused: bool | None = None,
     vocab_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``target`` and entropy of softmax(hidden @ weight.T / temperature), float32,
     shape [...], without materialising the logits.
@@ -187,6 +192,8 @@ def lm_head_logprob_entropy(
     per logits tile (default: a 128 MiB fp32 tile on CPU, 256 MiB on CUDA). The other arguments
     are those of ``vocab_parallel_logprob_entropy``. Gradients: hidden (all-reduced over
     ``tp_group``) and weight (this rank's rows), in their dtypes, accumulated in float32.
+    ``sequence_parallel``: ``hidden`` came through megatron's sequence-parallel all-gather, whose
+    backward reduce-scatters: the hidden gradient is left as this rank's part, not all-reduced.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -208,6 +215,7 @@ def lm_head_logprob_entropy(
         empty = hidden.new_zeros(lead, dtype=torch.float32)
         return empty, (empty.clone() if with_entropy else None)
     tile = tile_tokens or default_tile_tokens(vr, hidden.device)
-    args = (tp_group, float(temperature), int(tile), with_entropy, entropy_grad, fused, vocab_size)
+    args = (tp_group, float(temperature), int(tile), with_entropy, entropy_grad, fused, vocab_size,
+            not sequence_parallel)
     lp, ent = _LMHeadLogprobEntropy.apply(h, weight, target.reshape(-1).long(), *args)
     return lp.view(lead), (ent.view(lead) if with_entropy else None)

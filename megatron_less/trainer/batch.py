@@ -5,11 +5,15 @@ prompts' groups (all n responses of a prompt) go to data-parallel ranks, the sam
 balanced by token count. A group never spans ranks, so group statistics and LESS need no
 cross-rank gather.
 
-Micro-batches: a rank's sequences (prompt + response) sorted by length and packed greedily under a
-token budget (rows x longest row), each padded only to its own longest row. Right padding under a
-causal mask leaves the real positions untouched, so results equal the unpadded computation.
-Per-token values are kept per response, [B, T_resp] padded ("response layout"); a micro-batch
-lays them out on the logits' positions: the token at sequence position p is predicted at p - 1.
+Micro-batches: a rank's sequences (prompt + response) sorted by length and grouped greedily under
+a token budget (rows x longest row), each padded only to its own longest row. Right padding under
+a causal mask leaves the real positions untouched, so results equal the unpadded computation.
+Packed (``batch.packing``): sequences back to back in one row of at most the budget's tokens
+(first-fit decreasing), with their lengths; the model sees where each starts (models.packing), so
+no token attends across a boundary and nothing is spent on padding but the row's tail (a multiple
+of TP under sequence parallelism). Per-token values are kept per response, [B, T_resp] padded
+("response layout"); a micro-batch lays them out on the logits' positions: the token at sequence
+position p is predicted at p - 1.
 """
 
 from __future__ import annotations
@@ -74,10 +78,20 @@ class MicroBatch:
     target: torch.Tensor  # [b, S-1] = tokens[:, 1:]
     loss_mask: torch.Tensor  # [b, S-1] True where the target is a response token
     extra: dict = field(default_factory=dict)  # per-token values in the logits layout [b, S-1]
+    lengths: list[int] | None = None  # packed: one row, these sequences back to back; None: a row each
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    def places(self) -> list[tuple[int, int]]:
+        """(row, offset) where each of ``rows``' sequences starts."""
+        if self.lengths is None:
+            return [(k, 0) for k in range(len(self.rows))]
+        starts = [0]
+        for n in self.lengths[:-1]:
+            starts.append(starts[-1] + n)
+        return [(0, s) for s in starts]
 
 
 def plan_microbatches(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -96,25 +110,48 @@ def plan_microbatches(lengths: list[int], token_budget: int) -> list[list[int]]:
     return plans
 
 
-def build_microbatch(seqs: list[Sequence], rows: list[int], per_token: dict[str, torch.Tensor]) -> MicroBatch:
-    """``per_token``: name -> [N, T_resp] tensors in response layout over all of ``seqs``."""
+def plan_packs(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Rows grouped so that each group's total length <= budget: first-fit decreasing (a row
+    longer than the budget goes alone); each group in row order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        b = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if b is None:
+            bins.append([])
+            room.append(token_budget)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    return [sorted(b) for b in bins]
+
+
+def build_microbatch(seqs: list[Sequence], rows: list[int], per_token: dict[str, torch.Tensor], *,
+                     multiple: int = 1, packed: bool = False) -> MicroBatch:
+    """``per_token``: name -> [N, T_resp] tensors in response layout over all of ``seqs``.
+    ``multiple``: the width is padded up to a multiple of it (sequence parallelism: the TP size).
+    ``packed``: ``rows``' sequences back to back in one row, else one row each."""
     chosen = [seqs[i] for i in rows]
-    width = max(s.length for s in chosen)
-    tokens = torch.zeros(len(chosen), width, dtype=torch.long)
+    lengths = [s.length for s in chosen]
+    width = sum(lengths) if packed else max(lengths)
+    width += -width % multiple
+    mb = MicroBatch(rows, torch.zeros(1 if packed else len(chosen), width, dtype=torch.long), None, None,
+                    lengths=lengths if packed else None)  # fmt: skip
     # every sequence has a prompt token and a response token, so width >= 2
-    mask = torch.zeros(len(chosen), width - 1, dtype=torch.bool)
-    extra = {k: torch.zeros(len(chosen), width - 1, dtype=v.dtype) for k, v in per_token.items()}
-    for k, s in enumerate(chosen):
+    mb.loss_mask = torch.zeros(mb.tokens.shape[0], width - 1, dtype=torch.bool)
+    mb.extra = {k: torch.zeros(mb.tokens.shape[0], width - 1, dtype=v.dtype) for k, v in per_token.items()}
+    for k, (s, (row, at)) in enumerate(zip(chosen, mb.places())):
         p, r = len(s.prompt), len(s.response)
-        tokens[k, : s.length] = torch.tensor(s.prompt + s.response)
-        mask[k, p - 1 : p - 1 + r] = True
+        mb.tokens[row, at : at + s.length] = torch.tensor(s.prompt + s.response)
+        mb.loss_mask[row, at + p - 1 : at + p - 1 + r] = True
         for name, v in per_token.items():
-            extra[name][k, p - 1 : p - 1 + r] = v[rows[k], :r]
-    return MicroBatch(rows, tokens, tokens[:, 1:], mask, extra)
+            mb.extra[name][row, at + p - 1 : at + p - 1 + r] = v[rows[k], :r]
+    mb.target = mb.tokens[:, 1:]  # across a packed boundary the target is the next sequence's: masked
+    return mb
 
 
 def to_response_layout(mb: MicroBatch, values: torch.Tensor, seqs: list[Sequence], out: torch.Tensor) -> None:
     """Scatter [b, S-1] logits-layout values of ``mb`` back into ``out`` [N, T_resp]."""
-    for k, i in enumerate(mb.rows):
+    for i, (row, at) in zip(mb.rows, mb.places()):
         p, r = len(seqs[i].prompt), len(seqs[i].response)
-        out[i, :r] = values[k, p - 1 : p - 1 + r]
+        out[i, :r] = values[row, at + p - 1 : at + p - 1 + r]

@@ -65,6 +65,11 @@ class ModelCfg(_Section):
 class ParallelCfg(_Section):
     tp: int = Field(1, ge=1)  # tensor-parallel size (divides heads, KV heads and the FFN width)
     pp: int = Field(1, ge=1)  # pipeline stages (divides the layers); data-parallel size = world / (tp x pp)
+    sequence_parallel: bool | None = Field(None, description=(
+        "split the activations outside attention and MLP (norms, residuals, dropout) over the TP group along "
+        "the sequence: activation memory per layer sbh(10 + 24/tp) -> sbh(34/tp), the TP all-reduces become "
+        "all-gather + reduce-scatter of the same volume; micro-batches are padded to a multiple of tp. "
+        "None: on when tp > 1 (as verl and Megatron-LM's scripts do); no effect at tp 1"))
 
 
 class DataCfg(_Section):
@@ -100,8 +105,14 @@ class BatchCfg(_Section):
     mini_batch_prompts: int = Field(32, ge=1)  # prompts per optimizer step
     micro_batch_tokens: int = Field(16384, ge=1, description=(
         "token budget of one micro-batch (rows x longest row, padded): activation memory grows with it "
-        "(see model.* for what shrinks activations), fewer and larger micro-batches keep the GPU busier"))
+        "(model.recompute_* and parallel.sequence_parallel shrink them), fewer and larger micro-batches keep the "
+        "GPU busier"))
     ppo_epochs: int = Field(1, ge=1)  # passes over each rollout batch (1: on-policy)
+    packing: bool = Field(False, description=(
+        "sequences back to back in one row of at most micro_batch_tokens tokens (first-fit decreasing), their "
+        "boundaries given to attention (TE and sdpa: THD cu_seqlens, one causal kernel per sequence for sdpa; "
+        "attention local: a [tokens, tokens] block-diagonal mask): no compute on padding and micro-batches of "
+        "near-equal size; false: rows sorted by length, each padded to the longest of its micro-batch"))
 
 
 class DynamicSamplingCfg(_Section):
@@ -391,9 +402,13 @@ def check_paths_exist(cfg: Config) -> None:
 
 def check_layout(cfg: Config, arch, world_size: int) -> int:
     """The checks that need the model and the world size; returns the data-parallel size."""
+    from megatron_less.models import qwen2
     from megatron_less.models.qwen2 import ConfigError as ArchError
 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if cfg.batch.packing and cfg.model.dtype == "fp32" and cfg.model.attention == "auto" and qwen2.have_te():
+        raise ConfigError("batch.packing with TransformerEngine's attention (model.attention: auto, TE importable) "
+                          "needs model.dtype bf16 (its packed THD kernels are flash/cuDNN ones), or model.attention=sdpa")
     if world_size % (tp * pp):
         raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp x pp = {tp} x {pp}")
     try:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_less.algos import get_policy_loss
+from megatron_less.models.packing import attention_kind, packed_inputs
 from megatron_less.models.schedule import run_schedule
 from megatron_less.ops import lm_head_logprob_entropy, vocab_parallel_logprob_entropy
 from megatron_less.trainer.batch import MicroBatch, Sequence, to_response_layout
@@ -36,24 +37,29 @@ def _op(out, model, mb: MicroBatch, temperature: float, vocab_size: int, fused_l
     """Per-token log-probs (and entropies) of mb's targets from the last stage's output: final
     hidden states through the fused LM head (the logits never exist whole), or logits."""
     from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_attr_wrapped_model
+    from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
     kw = dict(tp_group=ps.get_tensor_model_parallel_group(), temperature=temperature, vocab_size=vocab_size,
               with_entropy=with_entropy, entropy_grad=entropy_grad)
     target = mb.target.to(out.device)
     if fused_lm_head:
         weight = get_attr_wrapped_model(model, "output_weight")()
-        return lm_head_logprob_entropy(out[:, :-1], weight, target, **kw)
+        # under sequence parallelism the model all-gathered `out`; that gather's backward sums dL/dh
+        sp = get_model_config(model).sequence_parallel
+        return lm_head_logprob_entropy(out[:, :-1], weight, target, sequence_parallel=sp, **kw)
     return vocab_parallel_logprob_entropy(out[:, :-1], target, **kw)
 
 
 def _forward(model, mb: MicroBatch, device, fused_lm_head: bool):
     """The stage's forward: on the last stage final hidden states (fused LM head) or logits."""
     tokens = mb.tokens.to(device)
-    positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    if mb.lengths is not None:  # packed: the model sees where each sequence starts
+        kw = packed_inputs(mb.lengths, tokens.shape[1], device, kind=attention_kind(model))
+    else:
+        kw = {"position_ids": torch.arange(tokens.shape[1], device=device).expand_as(tokens), "attention_mask": None}
     if fused_lm_head:
-        return model(tokens, positions, None, hidden_states=True)
-    return model(tokens, positions, None)
+        kw["hidden_states"] = True
+    return model(tokens, **kw)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_less.algos import apply_correction, compute_token_advantages, group_has_signal, overlong_penalty
+from megatron_less.models.schedule import sequence_multiple
 from megatron_less.parallel import faults
 from megatron_less.rollout.base import SamplingParams
 from megatron_less.trainer import batch as B
@@ -116,8 +117,11 @@ def place(run, seqs: list[B.Sequence]) -> tuple[list[B.Sequence], list[list[int]
 
 
 def microbatches(run, seqs, rows: list[int], per_token: dict) -> list[B.MicroBatch]:
-    plans = B.plan_microbatches([seqs[i].length for i in rows], run.cfg.batch.micro_batch_tokens)
-    return [B.build_microbatch(seqs, [rows[k] for k in plan], per_token) for plan in plans]
+    packed = run.cfg.batch.packing
+    plan = B.plan_packs if packed else B.plan_microbatches
+    plans = plan([seqs[i].length for i in rows], run.cfg.batch.micro_batch_tokens)
+    multiple = sequence_multiple(run.policy.model[0])
+    return [B.build_microbatch(seqs, [rows[k] for k in p], per_token, multiple=multiple, packed=packed) for p in plans]
 
 
 def old_logprobs(run, seqs) -> dict[str, torch.Tensor]:

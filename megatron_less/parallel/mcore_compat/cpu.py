@@ -258,6 +258,18 @@ PATCHES: dict[str, Patch] = {
             ),
         ),
         Patch(
+            "sequence_parallel_mappings",
+            "sequence parallelism's all-gather and reduce-scatter allocate their outputs on "
+            "current_device()",
+            _torch_proxy("megatron.core.tensor_parallel.mappings"),
+        ),
+        Patch(
+            "sequence_parallel_linear",
+            "under sequence parallelism the column-parallel linear's backward re-gathers its input "
+            "into a buffer on current_device()",
+            _torch_proxy("megatron.core.tensor_parallel.layers"),
+        ),
+        Patch(
             "memory_buffer",
             "core attention's global scratch buffer is allocated on current_device()",
             _torch_proxy("megatron.core.utils"),
