@@ -15,6 +15,7 @@ import pytest
 
 from megatron_less.models.qwen2 import Qwen2Arch
 from megatron_less.trainer.config import check_layout, load_config
+from megatron_less.trainer.setup import sequence_parallel
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -32,9 +33,9 @@ SHAPES = {
 # the 80 GB variants the configs' comments give
 ON_80GB = {
     "qwen2.5-math-1.5b": ["batch.micro_batch_tokens=16384", "rollout.kv_cache_gib=40"],
-    "qwen2.5-math-7b": ["parallel.tp=2", "rollout.rollout_tp=2", "batch.micro_batch_tokens=8192",
+    "qwen2.5-math-7b": ["parallel.tp=2", "rollout.rollout_tp=2", "batch.micro_batch_tokens=16384",
                         "rollout.kv_cache_gib=20"],
-    "qwen2.5-7b": ["parallel.tp=2", "rollout.rollout_tp=2", "batch.micro_batch_tokens=8192", "rollout.kv_cache_gib=20"],
+    "qwen2.5-7b": ["parallel.tp=2", "rollout.rollout_tp=2", "batch.micro_batch_tokens=16384", "rollout.kv_cache_gib=20"],
 }  # fmt: skip
 
 
@@ -64,6 +65,8 @@ def test_recipe_layout_fits_one_8_gpu_node(recipe, variant):
     cfg = load_config(EXAMPLES / "configs" / f"{recipe}.yaml", extra, check_paths=False)
     dp = check_layout(cfg, Qwen2Arch.from_hf(SHAPES[recipe]), world_size=8)
     assert dp * cfg.parallel.tp * cfg.parallel.pp == 8
+    # the memory worked out in the headers assumes sequence parallelism wherever TP > 1
+    assert sequence_parallel(cfg) == (cfg.parallel.tp > 1)
     assert 8 % cfg.rollout.rollout_tp == 0 and cfg.rollout.kv_cache_gib
 
 
