@@ -1,6 +1,6 @@
 """The config reference (docs/config.md), generated from the config classes so it cannot drift:
 each key's type, default and meaning (the field's description, else its line's comment in
-config.py). A test fails when the committed page differs from what this prints.
+sections.py). A test fails when the committed page differs from what this prints.
 
     python -m megatron_less.trainer.config_doc > docs/config.md
 """
@@ -14,7 +14,7 @@ import typing
 
 from pydantic import BaseModel
 
-from megatron_less.trainer import config as C
+from megatron_less.trainer import sections as C
 
 
 def _comments(cls: type) -> dict[str, str]:
@@ -74,7 +74,7 @@ def _is_section(field) -> bool:
 def reference() -> str:
     head = "| key | type | default | meaning |\n|---|---|---|---|"
     parts = ["# Training config reference", "",
-             "Generated from `megatron_less/trainer/config.py` by `python -m megatron_less.trainer.config_doc`;"
+             "Generated from `megatron_less/trainer/sections.py` by `python -m megatron_less.trainer.config_doc`;"
              " a test keeps this page equal to it. Set keys in the YAML file or on the command line"
              " (`megatron-less train CONFIG.yaml optim.lr=1e-6 rollout.n=8`).", "",
              "## top level", "", head, *_rows(C.Config, "", subsections=False)]  # fmt: skip
