@@ -3,7 +3,9 @@ loss and gradients against a single-process computation, checkpoints written.
 
 Multi-process jobs are few and shared (each costs ~10-25 s to start on 2 cores): one 4-rank job
 runs TP1 (DP4), TP2 (DP2), PP2 (DP2) and TP2xPP2 one after another plus the loss-parity check;
-the resume checks are in tests/test_reliability.py."""
+the resume checks are in tests/test_reliability.py. TP2 runs with sequence parallelism (the
+default at TP > 1) and TP2xPP2 also with packed sequences, so both meet TP1's numbers on each
+megatron-core version (every switch on and off, one at a time: tests/test_sp_packing.py)."""
 
 from __future__ import annotations
 
@@ -120,12 +122,14 @@ def _layouts_job(tiny, root):
     out = {}
     for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
         run_dir = Path(root) / f"tp{tp}pp{pp}"
-        cfg = load_config(CONFIG, _overrides(tiny, run_dir, f"parallel.tp={tp}", f"parallel.pp={pp}"))
+        packed = ["batch.packing=true"] if (tp, pp) == (2, 2) else []
+        cfg = load_config(CONFIG, _overrides(tiny, run_dir, f"parallel.tp={tp}", f"parallel.pp={pp}", *packed))
         run = train(cfg)
         start = HFCheckpoint(tiny["hf"])
         moved = max(float((t - start[name]).abs().max()) for name, t in iter_all_hf_tensors(run.policy.module, run.arch))
         if dist.get_rank() == 0:
-            out[(tp, pp)] = {"dp": run.dp, "moved": moved, "dir": str(run_dir)}
+            out[(tp, pp)] = {"dp": run.dp, "moved": moved, "dir": str(run_dir), "sp": run.policy.config.sequence_parallel,
+                             "packed": cfg.batch.packing}
     out["parity"] = _loss_parity(tiny, root)
     return out if dist.get_rank() == 0 else None
 
@@ -139,6 +143,8 @@ def test_every_layout_trains_and_logs(layouts):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert {k: v["dp"] for k, v in layouts.items() if k != "parity"} == {(1, 1): 4, (2, 1): 2, (1, 2): 2, (2, 2): 1}
+    assert {k: (v["sp"], v["packed"]) for k, v in layouts.items() if k != "parity"} == {
+        (1, 1): (False, False), (2, 1): (True, False), (1, 2): (False, False), (2, 2): (True, True)}
     for (tp, pp), res in ((k, v) for k, v in layouts.items() if k != "parity"):
         rows = _rows(res["dir"])
         assert [r["step"] for r in rows] == [1, 2, 3]
