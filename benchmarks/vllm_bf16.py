@@ -54,7 +54,7 @@ def worker(a) -> None:
     import torch
     from transformers import Qwen2Config
 
-    from megatron_less.models import qwen2
+    from megatron_less.models import hf_mapping, qwen2
     from megatron_less.models.policy import build_policy
     from megatron_less.parallel import runtime
     from megatron_less.rollout.base import SamplingParams
@@ -64,7 +64,7 @@ def worker(a) -> None:
     arch = qwen2.Qwen2Arch.from_hf(Qwen2Config.from_pretrained(a.model))
     runtime.initialize(1, 1)
     policy = build_policy(arch)
-    qwen2.load_hf_weights(policy.module, load_file(os.path.join(a.model, "model.safetensors")), arch)
+    hf_mapping.load_hf_weights(policy.module, load_file(os.path.join(a.model, "model.safetensors")), arch)
     t0 = time.perf_counter()
     engine = VLLMEngine(arch, dtype=a.dtype, kv_cache_bytes=128 << 20, seed=0)
     startup = time.perf_counter() - t0

@@ -89,7 +89,7 @@ def _sleep_cycle(engine, policy, arch, hf_seed):
     paused, executor tags) with no-op memory moves, so sleep is switched on for the cycle."""
     import logging as _logging
 
-    from megatron_less.models import qwen2
+    from megatron_less.models import hf_mapping
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.trainer import phases
 
@@ -102,7 +102,7 @@ def _sleep_cycle(engine, policy, arch, hf_seed):
         except RuntimeError:
             refused = True  # the discarded weights must not sample
         discarded = engine.llm.collective_rpc(_discard_weights)[0]
-        qwen2.load_hf_weights(policy.module, tiny.hf_model(hf_seed, **tiny.ROLLOUT).state_dict(), arch)
+        hf_mapping.load_hf_weights(policy.module, tiny.hf_model(hf_seed, **tiny.ROLLOUT).state_dict(), arch)
         phases.sync_weights(SimpleNamespace(engine=engine, policy=policy))
     calls = [c for c in calls if c[1] != "_discard_weights"]
     engine.sleep_mode = False
@@ -111,7 +111,7 @@ def _sleep_cycle(engine, policy, arch, hf_seed):
 
 
 def _phase(engine, policy, arch, hf_seed, bucket_bytes=None, sleep=False):
-    from megatron_less.models import qwen2
+    from megatron_less.models import hf_mapping
     from megatron_less.rollout.base import SamplingParams
     from megatron_less.rollout.builtin import BuiltinSampler
     from tests.rollout_checks import max_logprob_error
@@ -124,7 +124,7 @@ def _phase(engine, policy, arch, hf_seed, bucket_bytes=None, sleep=False):
         sync = None
     else:
         cycle = None
-        qwen2.load_hf_weights(policy.module, tiny.hf_model(hf_seed, **tiny.ROLLOUT).state_dict(), arch)
+        hf_mapping.load_hf_weights(policy.module, tiny.hf_model(hf_seed, **tiny.ROLLOUT).state_dict(), arch)
         sync = engine.sync_weights(policy.module)
     logging.getLogger("vllm").removeHandler(warnings)
     if sync is None:  # the sleep cycle synced; time one more sync of the same weights

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from megatron_less.checkpoints.files import CheckpointError, dtype_name, read_json, write_json
-from megatron_less.models import qwen2
+from megatron_less.models import hf_mapping
 from megatron_less.models.qwen2 import ConfigError, Qwen2Arch
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -165,7 +165,7 @@ def load_hf_checkpoint(model, hf: str | os.PathLike | HFCheckpoint, arch: Qwen2A
     ckpt = hf if isinstance(hf, HFCheckpoint) else HFCheckpoint(hf)
     if arch is not None:
         check_same_arch(arch, ckpt.arch, ckpt.folder)
-    qwen2.load_hf_weights(model, ckpt, ckpt.arch)
+    hf_mapping.load_hf_weights(model, ckpt, ckpt.arch)
     return ckpt
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from megatron_less.models import qwen2
+from megatron_less.models import hf_mapping, qwen2
 from megatron_less.models.schedule import run_schedule
 
 
@@ -52,7 +52,7 @@ def build_model_stage(arch: qwen2.Qwen2Arch, *, tp: int, pp: int, params_dtype: 
     # so the whole stage takes params_dtype, as Megatron-LM's Float16Module does.
     module.to(dtype=params_dtype)
     if hf_weights is not None:
-        qwen2.load_hf_weights(module, hf_weights, arch)
+        hf_mapping.load_hf_weights(module, hf_weights, arch)
     if torch.cuda.is_available():
         module.cuda()
     return config, module

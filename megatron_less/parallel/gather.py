@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_less.models import qwen2
+from megatron_less.models import hf_mapping, qwen2
 
 
 def _tp_shards(t: torch.Tensor) -> list[torch.Tensor]:
@@ -31,13 +31,13 @@ def iter_hf_tensors(model, arch: qwen2.Qwen2Arch) -> Iterator[tuple[str, torch.T
 
     A tied LM head on the last stage is skipped (it is the embedding). Without TP most tensors
     are views of the parameters (no copy): clone what must outlive the next optimizer step."""
-    offset = qwen2.layer_offset(model)
+    offset = hf_mapping.layer_offset(model)
     for name, param in model.named_parameters():
-        gname = qwen2.global_name(name, offset)
+        gname = hf_mapping.global_name(name, offset)
         if gname == "output_layer.weight" and arch.tie_word_embeddings:
             continue
-        shards = _tp_shards(param.detach()) if qwen2.tp_split_dim(gname) is not None else [param.detach()]
-        yield from qwen2.hf_tensors(gname, shards, arch).items()
+        shards = _tp_shards(param.detach()) if hf_mapping.tp_split_dim(gname) is not None else [param.detach()]
+        yield from hf_mapping.hf_tensors(gname, shards, arch).items()
 
 
 @torch.no_grad()
@@ -75,11 +75,11 @@ def _stage_meta(model, arch: qwen2.Qwen2Arch) -> Iterator[tuple[str, torch.Tenso
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    offset = qwen2.layer_offset(model)
+    offset = hf_mapping.layer_offset(model)
     for name, param in model.named_parameters():
-        gname = qwen2.global_name(name, offset)
+        gname = hf_mapping.global_name(name, offset)
         if gname == "output_layer.weight" and arch.tie_word_embeddings:
             continue
         meta = param.detach().to("meta")
-        shards = [meta] * tp if qwen2.tp_split_dim(gname) is not None else [meta]
-        yield from qwen2.hf_tensors(gname, shards, arch).items()
+        shards = [meta] * tp if hf_mapping.tp_split_dim(gname) is not None else [meta]
+        yield from hf_mapping.hf_tensors(gname, shards, arch).items()

@@ -39,7 +39,7 @@ def main() -> int:
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import megatron.core
 
-    from megatron_less.models import qwen2
+    from megatron_less.models import hf_mapping, qwen2
     from megatron_less.models.schedule import forward_logits
     from megatron_less.parallel import mcore_compat, runtime
     from megatron_less.rollout.base import SamplingParams
@@ -97,7 +97,7 @@ def main() -> int:
     C.check("5 training steps lower the loss by 20%", losses[-1] < 0.8 * losses[0],
             f"{losses[0]:.4f} -> {losses[-1]:.4f} (threshold {0.8 * losses[0]:.4f})")
 
-    qwen2.load_hf_weights(policy.module, {k: v.cpu() for k, v in hf.state_dict().items()}, arch)
+    hf_mapping.load_hf_weights(policy.module, {k: v.cpu() for k, v in hf.state_dict().items()}, arch)
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
     greedy = BuiltinSampler(policy.model, arch).generate(prompts, 1, SamplingParams(temperature=0, max_tokens=8))
     hf_greedy = [hf.generate(torch.tensor([p]).to(dev), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(p):].tolist()
