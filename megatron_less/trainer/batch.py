@@ -18,6 +18,7 @@ position p is predicted at p - 1.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -86,12 +87,15 @@ class MicroBatch:
 
     def places(self) -> list[tuple[int, int]]:
         """(row, offset) where each of ``rows``' sequences starts."""
-        if self.lengths is None:
-            return [(k, 0) for k in range(len(self.rows))]
-        starts = [0]
-        for n in self.lengths[:-1]:
-            starts.append(starts[-1] + n)
-        return [(0, s) for s in starts]
+        return row_places(self.lengths, len(self.rows))
+
+
+def row_places(packed_lengths: list[int] | None, n: int) -> list[tuple[int, int]]:
+    """(row, offset) of each of ``n`` sequences: back to back in row 0 when packed (their
+    lengths given), else a row each."""
+    if packed_lengths is None:
+        return [(k, 0) for k in range(n)]
+    return [(0, at) for at in itertools.accumulate([0, *packed_lengths[:-1]])]
 
 
 def plan_microbatches(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -132,22 +136,22 @@ def build_microbatch(seqs: list[Sequence], rows: list[int], per_token: dict[str,
     ``multiple``: the width is padded up to a multiple of it (sequence parallelism: the TP size).
     ``packed``: ``rows``' sequences back to back in one row, else one row each."""
     chosen = [seqs[i] for i in rows]
-    lengths = [s.length for s in chosen]
-    width = sum(lengths) if packed else max(lengths)
+    lengths = [s.length for s in chosen] if packed else None
+    width = sum(lengths) if packed else max(s.length for s in chosen)
     width += -width % multiple
-    mb = MicroBatch(rows, torch.zeros(1 if packed else len(chosen), width, dtype=torch.long), None, None,
-                    lengths=lengths if packed else None)  # fmt: skip
+    n_rows = 1 if packed else len(chosen)
+    tokens = torch.zeros(n_rows, width, dtype=torch.long)
     # every sequence has a prompt token and a response token, so width >= 2
-    mb.loss_mask = torch.zeros(mb.tokens.shape[0], width - 1, dtype=torch.bool)
-    mb.extra = {k: torch.zeros(mb.tokens.shape[0], width - 1, dtype=v.dtype) for k, v in per_token.items()}
-    for k, (s, (row, at)) in enumerate(zip(chosen, mb.places())):
+    mask = torch.zeros(n_rows, width - 1, dtype=torch.bool)
+    extra = {k: torch.zeros(n_rows, width - 1, dtype=v.dtype) for k, v in per_token.items()}
+    for k, (s, (row, at)) in enumerate(zip(chosen, row_places(lengths, len(chosen)))):
         p, r = len(s.prompt), len(s.response)
-        mb.tokens[row, at : at + s.length] = torch.tensor(s.prompt + s.response)
-        mb.loss_mask[row, at + p - 1 : at + p - 1 + r] = True
+        tokens[row, at : at + s.length] = torch.tensor(s.prompt + s.response)
+        mask[row, at + p - 1 : at + p - 1 + r] = True
         for name, v in per_token.items():
-            mb.extra[name][row, at + p - 1 : at + p - 1 + r] = v[rows[k], :r]
-    mb.target = mb.tokens[:, 1:]  # across a packed boundary the target is the next sequence's: masked
-    return mb
+            extra[name][row, at + p - 1 : at + p - 1 + r] = v[rows[k], :r]
+    # across a packed boundary the target is the next sequence's first token: outside the mask
+    return MicroBatch(rows, tokens, tokens[:, 1:], mask, extra, lengths)
 
 
 def to_response_layout(mb: MicroBatch, values: torch.Tensor, seqs: list[Sequence], out: torch.Tensor) -> None:
