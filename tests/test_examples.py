@@ -15,7 +15,6 @@ import pytest
 
 from megatron_less.models.qwen2 import Qwen2Arch
 from megatron_less.trainer.config import check_layout, load_config
-from megatron_less.trainer.setup import sequence_parallel
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -66,7 +65,7 @@ def test_recipe_layout_fits_one_8_gpu_node(recipe, variant):
     dp = check_layout(cfg, Qwen2Arch.from_hf(SHAPES[recipe]), world_size=8)
     assert dp * cfg.parallel.tp * cfg.parallel.pp == 8
     # the memory worked out in the headers assumes sequence parallelism wherever TP > 1
-    assert sequence_parallel(cfg) == (cfg.parallel.tp > 1)
+    assert cfg.parallel.uses_sequence_parallel == (cfg.parallel.tp > 1)
     assert 8 % cfg.rollout.rollout_tp == 0 and cfg.rollout.kv_cache_gib
 
 

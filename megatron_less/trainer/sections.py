@@ -70,6 +70,11 @@ class ParallelCfg(_Section):
         "all-gather + reduce-scatter of the same volume; micro-batches are padded to a multiple of tp. "
         "None: on when tp > 1 (as verl and Megatron-LM's scripts do); no effect at tp 1"))
 
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        """sequence_parallel with its default resolved: on at tp > 1 unless set false."""
+        return self.tp > 1 and self.sequence_parallel is not False
+
 
 class DataCfg(_Section):
     train_file: str  # JSON Lines with prompt / answer (megatron-less prepare-data writes it)

@@ -189,12 +189,6 @@ def clear_output_dir(cfg: Config) -> list[str]:
     return removed
 
 
-def sequence_parallel(cfg: Config) -> bool:
-    """parallel.sequence_parallel, its default (on when tp > 1) resolved."""
-    sp = cfg.parallel.sequence_parallel
-    return cfg.parallel.tp > 1 if sp is None else sp and cfg.parallel.tp > 1
-
-
 def build_run(cfg: Config) -> Run:
     from megatron_less.data.sampler import PromptSampler, load_prompts
     from megatron_less.data.tokenizer import load_tokenizer, stop_token_ids
@@ -228,7 +222,7 @@ def build_run(cfg: Config) -> Run:
     # Micro-batches are padded to their own length, so under PP stages send shapes first
     # (variable_seq_lengths, unbatched p2p); the MoE dispatcher setting only satisfies a config
     # check that rejects variable lengths with the default dispatcher (Qwen2 has no MoE).
-    layout = dict(calculate_per_token_loss=True, sequence_parallel=sequence_parallel(cfg))
+    layout = dict(calculate_per_token_loss=True, sequence_parallel=cfg.parallel.uses_sequence_parallel)
     if pp > 1:
         layout.update(variable_seq_lengths=True, batch_p2p_comm=False, moe_token_dispatcher_type="alltoall")
     layout.update(attention=cfg.model.attention)
