@@ -38,6 +38,20 @@ MODEL = dict(model_type="qwen2", vocab_size=4096, hidden_size=256, intermediate_
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False)
 
 
+def _batch(lengths, g):
+    """Sequences of (prompt, response) ``lengths`` in groups of two, random tokens, with random old
+    log-probs and advantages: (sequences, per-token values, widest response)."""
+    from megatron_less.trainer.batch import Sequence
+
+    seqs = [Sequence(k // 2, torch.randint(0, 4096, (p,), generator=g).tolist(),
+                     torch.randint(0, 4096, (r,), generator=g).tolist(), [], "stop")
+            for k, (p, r) in enumerate(lengths)]  # fmt: skip
+    width = max(r for _, r in lengths)
+    n = len(seqs)
+    per_token = {"old_logprobs": -torch.rand(n, width, generator=g) * 4, "advantages": torch.randn(n, width, generator=g)}
+    return seqs, per_token, width
+
+
 def _job(memory_tokens):
     import torch.distributed as dist
 
@@ -52,11 +66,7 @@ def _job(memory_tokens):
     runtime.initialize(2, 1, seed=1)
     arch = qwen2.Qwen2Arch.from_hf(MODEL)
     g = torch.Generator().manual_seed(0)
-    seqs = [Sequence(k // 2, torch.randint(0, 4096, (p,), generator=g).tolist(),
-                     torch.randint(0, 4096, (r,), generator=g).tolist(), [], "stop")
-            for k, (p, r) in enumerate([(7, 30), (12, 9), (5, 51), (9, 22)])]  # fmt: skip
-    width = max(len(s.response) for s in seqs)
-    per_token = {"old_logprobs": -torch.rand(4, width, generator=g) * 4, "advantages": torch.randn(4, width, generator=g)}
+    seqs, per_token, width = _batch([(7, 30), (12, 9), (5, 51), (9, 22)], g)
     out, weights = {}, None
     for dtype in (torch.float32, torch.bfloat16):
         for sp in (False, True):
@@ -95,17 +105,12 @@ def _packing_job(cases):
     from megatron_less.models import qwen2
     from megatron_less.models.policy import OptimConfig, build_policy
     from megatron_less.parallel import runtime
-    from megatron_less.trainer.batch import Sequence, build_microbatch
+    from megatron_less.trainer.batch import build_microbatch
     from megatron_less.trainer.passes import LossSpec, logprobs_and_entropy, train_minibatch
 
     runtime.initialize(1, 1, seed=1)
     arch = qwen2.Qwen2Arch.from_hf(MODEL)
-    g = torch.Generator().manual_seed(0)
-    seqs = [Sequence(k // 2, torch.randint(0, 4096, (p,), generator=g).tolist(),
-                     torch.randint(0, 4096, (r,), generator=g).tolist(), [], "stop")
-            for k, (p, r) in enumerate([(7, 300), (12, 90), (5, 510), (9, 220)])]  # fmt: skip
-    width = max(len(s.response) for s in seqs)
-    per_token = {"old_logprobs": -torch.rand(4, width, generator=g) * 4, "advantages": torch.randn(4, width, generator=g)}
+    seqs, per_token, width = _batch([(7, 300), (12, 90), (5, 510), (9, 220)], torch.Generator().manual_seed(0))
     out, weights = {}, None
     for dtype, attention in cases:
         for packed in (False, True):
