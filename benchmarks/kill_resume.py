@@ -15,6 +15,7 @@ timings must be equal at every step.
     python benchmarks/kill_resume.py                    # 10 trials of a 20-step run, 2 ranks
     python benchmarks/kill_resume.py --trials 2 --steps 4 --every 1   # the CI version
     python benchmarks/kill_resume.py --dynamic-sampling  # DAPO's oversampling rounds on
+    python benchmarks/kill_resume.py --separate --nproc 3  # 2 trainers + 1 vLLM rank one step ahead
 
 Exit status 0 only when everything matched. tests/test_reliability.py runs the short version.
 """
@@ -36,7 +37,11 @@ CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 PHASES = ("save", "update", "rollout")
 # dynamic sampling on: a step draws up to 3 prompt batches; the sampler's position counts them
 DYNAMIC = ["algo.dynamic_sampling.enable=true", "algo.dynamic_sampling.max_rounds=3"]
-VOLATILE = ("time/", "perf/")  # wall-clock figures: the only metrics allowed to differ
+# rollout ranks apart, one batch generated ahead (needs vLLM); named kills of the rollout phase
+# hit the rollout rank (the last), of update and save a trainer rank
+SEPARATE = ["rollout.engine=vllm", "rollout.placement=separate", "rollout.ranks=1", "rollout.max_staleness=1",
+            "algo.correction=token_tis"]
+VOLATILE = ("time/", "perf/", "timeline/")  # wall-clock figures: the only metrics allowed to differ
 
 
 # --- launching and killing ---------------------------------------------------------------------
@@ -52,7 +57,8 @@ def overrides(hf: str, data: str, out: Path, steps: int, every: int) -> list[str
 def launch(args: list[str], nproc: int, log: Path, fault: str | None = None) -> subprocess.Popen:
     from megatron_less.parallel.spawn import free_port
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", KILL_RESUME_JOB=f"{log}:{time.time()}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", PYTHONWARNINGS="ignore",
+               KILL_RESUME_JOB=f"{log}:{time.time()}")
     env.pop("MLESS_FAULT", None)
     if fault:
         env["MLESS_FAULT"] = fault
@@ -157,6 +163,8 @@ def load_checkpoint_files(path: Path) -> dict:
                      no_dist=True)  # fmt: skip
     state = json.loads((path / "trainer_state.json").read_text())
     state["config"].pop("output_dir")
+    for batch in state.get("rollout", {}).get("ahead", []):  # placement separate: batches generated ahead
+        batch.pop("timeline")  # their wall-clock figures, the only part allowed to differ
     common = path / "common.pt"  # megatron-core < 0.19; later ones keep it among the DCP items above
     return {"tensors": tensors, "common": torch.load(common, weights_only=False) if common.exists() else None,
             "trainer_state": state,
@@ -195,6 +203,7 @@ def trials(n: int, steps: int, every: int, nproc: int, work: Path, seed: int = 0
     ``extra``: config overrides of every run; ``phases``: the named kill points taken in turn
     ("oversample" only at steps where the reference drew more than one batch)."""
     rng = random.Random(seed)
+    separate = "rollout.placement=separate" in extra
     if hf is None:
         from tests.train_fixtures import make_model
 
@@ -231,7 +240,10 @@ def trials(n: int, steps: int, every: int, nproc: int, work: Path, seed: int = 0
                  "oversample": [s for s in oversampled if s > resume]}.get(phase, range(resume + 1, steps + 1))
         if i % 2 == 0 and later:  # a named phase, in turn, at a step shortly after the newest checkpoint
             at = rng.choice(list(later)[:3])
-            fault, what = f"{phase}:{at}:{rng.randrange(nproc)}", f"{phase} of step {at}"
+            rank = rng.randrange(nproc)
+            if separate:  # rollout phases run on the rollout rank only, the others on trainers only
+                rank = nproc - 1 if phase in ("rollout", "oversample") else rng.randrange(nproc - 1)
+            fault, what = f"{phase}:{at}:{rank}", f"{phase} of step {at}"
             proc = launch(args, nproc, work / f"trial{i + 1}.log", fault)
             rc = wait(proc, 900)
             if rc == 0:
@@ -308,14 +320,19 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--dynamic-sampling", action="store_true",
                     help="DAPO dynamic sampling on; named kills also in the middle of an extra round")
+    ap.add_argument("--separate", action="store_true",
+                    help="rollout.placement separate (the last rank generates one step ahead with vLLM; "
+                         "--nproc counts it)")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kill_resume_") as tmp:
         work = Path(a.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        res = trials(a.trials, a.steps, a.every, a.nproc, work, a.seed,
-                     **(dict(extra=DYNAMIC, phases=("oversample", *PHASES)) if a.dynamic_sampling else {}))
+        kw = dict(extra=DYNAMIC, phases=("oversample", *PHASES)) if a.dynamic_sampling else {}
+        if a.separate:
+            kw["extra"] = [*kw.get("extra", []), *SEPARATE]
+        res = trials(a.trials, a.steps, a.every, a.nproc, work, a.seed, **kw)
     print(table(res))
     print(f"checkpoints compared: {res['checkpoints']}; final weights and optimizer bit-equal: {res['final_equal']}; "
           f"metrics equal at every step: {not res['metric_diff']}; {time.monotonic() - t0:.0f} s in all")

@@ -117,7 +117,19 @@ def trainer_state(run) -> dict:
         "counters": dict(run.counters),
         "layout": _layout(),
         "config": run.cfg.model_dump(),
+        **({"rollout": engine_state} if (engine_state := run.engine.checkpoint_state()) else {}),
     }
+
+
+def due(cfg, step: int, last: int) -> bool:
+    """Whether the run saves a checkpoint after ``step`` (``last``: the step this job stops after)."""
+    return bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last
+
+
+def rollout_state(path: Path) -> dict:
+    """What the rollout engine saved with checkpoint ``path`` (placement separate: the batches
+    generated ahead); empty for a colocated run's."""
+    return read_json(path / STATE_FILE).get("rollout", {})
 
 
 def save(run) -> Path:

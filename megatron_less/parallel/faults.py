@@ -46,7 +46,9 @@ def planned() -> list[tuple[str, int, int]]:
 
 
 def _fires(point: str, step: int) -> bool:
-    return (point, step, int(os.environ.get("RANK", "0"))) in planned()
+    # the rank in the torchrun world: rollout.placement separate rewrites RANK to the side's own
+    rank = os.environ.get("MLESS_GLOBAL_RANK", os.environ.get("RANK", "0"))
+    return (point, step, int(rank)) in planned()
 
 
 def kill_point(point: str, step: int) -> None:

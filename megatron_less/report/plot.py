@@ -1,7 +1,7 @@
 """``megatron-less plot RUN_DIR``: the run's curves as one PNG (reward and training accuracy,
 held-out accuracy from the evaluations, response length, entropy, LESS token classes, update
-health, rollout / trainer mismatch and its correction, dynamic sampling and overlong responses),
-from metrics.jsonl and eval.jsonl."""
+health, rollout / trainer mismatch and its correction, dynamic sampling and overlong responses,
+the step timeline, the rollout ranks' lead, throughput), from metrics.jsonl and eval.jsonl."""
 
 from __future__ import annotations
 
@@ -41,6 +41,30 @@ def _with_kept_frac(rows: list[dict]) -> list[dict]:
         return {KEPT: kept / made} if ok else {}
 
     return [dict(r, **frac(r)) for r in rows]
+
+
+def _with_timeline(rows: list[dict]) -> list[dict]:
+    """Derived per-step seconds of the timeline panel, for either placement: generation (the
+    rollout ranks' under rollout.placement separate), training, and the trainers' waits."""
+
+    def get(r, *keys):
+        vals = [r[k] for k in keys if isinstance(r.get(k), (int, float))]
+        return sum(vals) if vals else None
+
+    out = []
+    for r in rows:
+        gen = get(r, "timeline/generate_s", "timeline/reward_s") if "timeline/generate_s" in r else get(
+            r, "time/rollout_s", "time/reward_s")  # fmt: skip
+        derived = {"_timeline/generation_s": gen, "_timeline/training_s": get(r, "time/old_logprobs_s",
+                   "time/advantages_s", "time/update_s"), "_timeline/trainer_waits_s": get(
+                   r, "time/rollout_wait_s", "timeline/trainer_wait_s")}  # fmt: skip
+        out.append(dict(r, **{k: v for k, v in derived.items() if v is not None}))
+    return out
+
+
+TIMELINE = (("time/step_s", "step (trainers)"), ("_timeline/generation_s", "generation + reward"),
+            ("_timeline/training_s", "training"), ("_timeline/trainer_waits_s", "trainers wait"),
+            ("timeline/rollout_wait_s", "rollout ranks wait"), ("timeline/transfer_s", "weight transfer"))  # fmt: skip
 
 
 def _panel(ax, rows, keys, title, window, log=False):
@@ -83,11 +107,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = 5
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, evals = _with_kept_frac(run_files.metrics(run_dir)), run_files.evals(run_dir)
+    rows, evals = _with_timeline(_with_kept_frac(run_files.metrics(run_dir))), run_files.evals(run_dir)
     if not rows:
         raise run_files.RunError(f"{Path(run_dir) / 'metrics.jsonl'}: no steps logged yet")
     out = Path(out) if out else Path(run_dir) / "plots" / "curves.png"
-    fig, axes = plt.subplots(3, 3, figsize=(15, 12))
+    fig, axes = plt.subplots(4, 3, figsize=(15, 16))
     _panel(axes[0, 0], rows, [("reward/mean", "reward"), ("reward/accuracy", "accuracy")], "rollout reward", window)
     _eval_panel(axes[0, 1], evals)
     _panel(axes[0, 2], rows, [("response/length_mean", "mean"), ("response/length_max", "max")],
@@ -101,6 +125,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = 5
            "dynamic sampling / overlong", window)  # fmt: skip
     _panel(axes[2, 2], rows, [("correction/weight_mean", "mean IS weight"),
                               ("loss/excluded_token_frac", "tokens out of the loss")], "off-policy correction", window)
+    _panel(axes[3, 0], rows, TIMELINE, "step timeline (s)", window, log=True)
+    _panel(axes[3, 1], rows, [("timeline/overlap", "generation hidden behind training"),
+                              ("rollout/staleness", "staleness (steps)")], "rollout ahead (placement separate)", window)
+    _panel(axes[3, 2], rows, [("perf/tokens_per_s", "tokens / s")], "throughput", window)
     fig.suptitle(f"{run_dir} (steps {rows[0]['step']}..{rows[-1]['step']}, thin: per step, thick: mean of {window})")
     return save_figure(fig, out)
 

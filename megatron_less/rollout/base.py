@@ -62,3 +62,7 @@ class RolloutEngine(abc.ABC):
 
     def wake_up(self) -> None:
         """Undo ``sleep`` before the next ``generate``."""
+
+    def checkpoint_state(self) -> dict:
+        """What a training checkpoint must keep of the engine to resume exactly (JSON data)."""
+        return {}

@@ -204,16 +204,21 @@ class VLLMEngine(RolloutEngine):
         """Stream every layer's full HF tensors from the Megatron shards into vLLM (collective);
         wakes a sleeping engine in stages: weights, the new weights, then the KV cache."""
         t0 = time.perf_counter()
-        self.wake_up(("weights",))  # memory back, contents undefined after a level-2 sleep
         counts = {"bytes": 0, "buckets": 0}
-        self._load(self._buckets(model, counts))
+        self.load_weights(self._buckets(model, counts))
+        return {"seconds": time.perf_counter() - t0, **counts}
+
+    def load_weights(self, weights) -> None:
+        """Load every weight from ``weights`` ((HF name, full tensor) pairs, consumed while vLLM
+        loads; placement separate: received over the bridge) - the same staged wake-up."""
+        self.wake_up(("weights",))  # memory back, contents undefined after a level-2 sleep
+        self._load(weights)
         if self.arch.tie_word_embeddings:
             self.llm.collective_rpc(_repack_tied_lm_head)
         self._weights_current = True
         self.wake_up(("kv_cache",))  # only now: it does not compete with the sync's tensors
         # cached prompt blocks hold activations of the old weights
         self.llm.reset_prefix_cache()
-        return {"seconds": time.perf_counter() - t0, **counts}
 
     def shutdown(self) -> None:
         """Release the engine and vLLM's process groups while torch.distributed is still up

@@ -167,6 +167,16 @@ def check_layout(cfg: Config, arch, world_size: int) -> int:
     if cfg.batch.packing and cfg.model.dtype == "fp32" and cfg.model.attention == "auto" and qwen2.have_te():
         raise ConfigError("batch.packing with TransformerEngine's attention (model.attention: auto, TE importable) "
                           "needs model.dtype bf16 (its packed THD kernels are flash/cuDNN ones), or model.attention=sdpa")
+    if cfg.rollout.placement == "separate":  # the last rollout.ranks ranks only generate
+        r = cfg.rollout
+        if not 0 < r.ranks < world_size:
+            raise ConfigError(f"rollout.placement separate: rollout.ranks ({r.ranks}) must leave trainer ranks in the "
+                              f"world of {world_size}")
+        if r.ranks % r.rollout_tp:
+            raise ConfigError(f"rollout.rollout_tp ({r.rollout_tp}) must divide rollout.ranks ({r.ranks})")
+        world_size -= r.ranks
+    elif world_size % cfg.rollout.rollout_tp:
+        raise ConfigError(f"rollout.rollout_tp ({cfg.rollout.rollout_tp}) must divide the world size {world_size}")
     if world_size % (tp * pp):
         raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp x pp = {tp} x {pp}")
     try:
@@ -180,8 +190,6 @@ def check_layout(cfg: Config, arch, world_size: int) -> int:
             f"data-parallel size {dp} (world {world_size} / tp {tp} / pp {pp}): all responses of a prompt "
             "stay on one data-parallel rank"
         )
-    if world_size % cfg.rollout.rollout_tp:
-        raise ConfigError(f"rollout.rollout_tp ({cfg.rollout.rollout_tp}) must divide the world size {world_size}")
     limit = arch.max_position_embeddings
     if cfg.data.max_prompt_tokens + cfg.rollout.max_tokens > limit:
         raise ConfigError(

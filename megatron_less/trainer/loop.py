@@ -3,34 +3,26 @@ in phases.py, how the model is run in passes.py, what a run holds in setup.py.""
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-
 import torch.distributed as dist
 
 from megatron_less.checkpoints import train_state
-from megatron_less.trainer import phases
+from megatron_less.parallel import placement
+from megatron_less.trainer import phases, separate
 from megatron_less.trainer.config import Config
 from megatron_less.trainer.metrics import local_token_sums, mismatch_thresholds, step_metrics
 from megatron_less.trainer.setup import build_run
 
 
-class Timer(dict):
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        yield
-        self[name] = self.get(name, 0.0) + time.perf_counter() - t0
-
-
 def train(cfg: Config):
     """Every rank of the job calls this. Returns the run (``run.metrics``: the last step's)."""
+    if cfg.rollout.placement == "separate" and placement.of_env(cfg.rollout.ranks).role == placement.ROLLOUT:
+        return separate.serve(separate.build_side(cfg))  # this rank only generates (rollout ranks)
     run = build_run(cfg)  # resumes from the newest complete checkpoint when asked
-    last = min(cfg.train.steps, run.step + (cfg.train.stop_after_steps or cfg.train.steps))
-    if cfg.eval.before_train and run.step == 0:
+    last = run.last_step
+    if run.step == 0 and phases.eval_due(cfg, 0):
         run.logger.log_eval(0, phases.evaluate(run, 0))
     for step in range(run.step + 1, last + 1):
-        t = Timer()
+        t = phases.Timer()
         prompts, seqs, sampled = phases.collect(run, step, t)  # rollout + reward (rounds: dynamic sampling)
         run.engine.sleep()  # frees rollout memory for training (GPU; no-op elsewhere)
         mine, minibatches = phases.place(run, seqs)  # whole groups per data-parallel rank
@@ -42,14 +34,14 @@ def train(cfg: Config):
         with t("update"):
             upd = phases.update(run, mine, minibatches, per_token)
         with t("weight_sync"):
-            phases.sync_weights(run)
+            sampled["sync"] = phases.sync_weights(run)
         run.step = step
         local = local_token_sums(mine, per_token, stats, report=_reports(), threshold=mismatch_thresholds(cfg.algo)[0])
         run.metrics = step_metrics(run, sampled, local, upd, dict(t))
         run.logger.log(step, run.metrics, _samples(run, prompts, mine, per_token, stats))
-        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+        if phases.eval_due(cfg, step):
             run.logger.log_eval(step, phases.evaluate(run, step))
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last:
+        if train_state.due(cfg, step, last):
             train_state.save(run)
     if cfg.checkpoint.export_hf:
         run.logger.print(f"exported {train_state.export_hf(run)}")

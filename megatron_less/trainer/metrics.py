@@ -92,6 +92,12 @@ def step_metrics(run, sampled: dict, local: dict, upd: dict, times: dict[str, fl
     for k in ("rounds", "groups_generated", "groups_kept", "groups_trained", "groups_filler"):
         if k in sampled:
             m["dynamic/" + k] = float(sampled[k])
+    # placement separate: the batch's weight version and the two sides' timeline (trainer/separate.py)
+    for k, v in sampled.get("timeline", {}).items():
+        m[("rollout/" if k in ("weight_version", "staleness") else "timeline/") + k] = v
+    for k in ("trainer_wait_s", "transfer_s", "rollout_wait_s", "weights_load_s"):
+        if k in sampled.get("sync", {}):
+            m["timeline/" + k] = sampled["sync"][k]
     less_tok = parts.get("less_tok", 0.0)
     for k in LESS_KEYS:
         if "less_" + k in parts:

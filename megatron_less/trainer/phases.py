@@ -4,6 +4,8 @@ previous phase produced; collective calls are named as such."""
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,16 @@ from megatron_less.trainer import batch as B
 from megatron_less.trainer.passes import LossSpec, logprobs_and_entropy, optimizer_step, train_minibatch
 
 
+class Timer(dict):
+    """Seconds per named phase of a step (summed over repeats)."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
 def collect(run, step: int, timer) -> tuple[list, list[B.Sequence], dict]:
     """The step's prompts and their scored responses (collective). Without dynamic sampling, one
     batch of batch.prompts_per_step prompts. With it (DAPO), groups whose responses all agree on
@@ -25,6 +37,8 @@ def collect(run, step: int, timer) -> tuple[list, list[B.Sequence], dict]:
     trains on a multiple of the data-parallel size (ranks need whole groups), topped up with
     dropped groups only when no group has signal. Returns (prompts, their sequences with group
     ids into prompts, info); info["generated"] holds every response generated this step."""
+    if hasattr(run.engine, "collect"):  # placement separate: the rollout ranks collected it
+        return run.engine.collect(run, step, timer)
     ds, want = run.cfg.algo.dynamic_sampling, run.cfg.batch.prompts_per_step
     kept, dropped, generated = [], [], []  # (prompt, its sequences)
     for round_ in range(ds.max_rounds if ds.enable else 1):
@@ -248,6 +262,13 @@ def sync_weights(run) -> dict:
     return run.engine.sync_weights(run.policy.module)
 
 
+def eval_due(cfg, step: int) -> bool:
+    """Whether the run evaluates after ``step`` (0: before training)."""
+    if step == 0:
+        return cfg.eval.before_train
+    return bool(cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps))
+
+
 def evaluate(run, step: int) -> dict[str, float]:
     """The eval command's code on held-out benchmarks, generating with the rollout engine
     (collective; rank 0 scores, writes the report and returns the figures)."""
@@ -255,6 +276,8 @@ def evaluate(run, step: int) -> dict[str, float]:
     from megatron_less.eval.run import evaluate as run_benchmarks
     from megatron_less.eval.run import save_report
 
+    if hasattr(run.engine, "evaluation"):  # placement separate: the rollout ranks evaluated
+        return run.engine.evaluation(step) if dist.get_rank() == 0 else {}
     e = run.cfg.eval
     generate = engine_generate_fn(run.engine, run.tokenizer, run.stop_ids, seed=run.cfg.seed + step)
     report = run_benchmarks(generate, e.benchmarks, n=e.n, temperature=e.temperature, top_p=e.top_p,

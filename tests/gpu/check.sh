@@ -45,11 +45,11 @@ out=${OUT:-/tmp/gpu-out}; mkdir -p "$out"
 # seconds each script may take at most (the shared budget may give it less)
 declare -A LIMIT=([tests/gpu/megatron_gpu.py]=120 [tests/gpu/recipe_gpu.py]=300 [tests/gpu/train_gpu.py]=150
                   [tests/gpu/vocab_parallel_gpu.py]=120 [tests/gpu/step_speed_gpu.py]=180
-                  [tests/gpu/sp_packing_gpu.py]=120)
+                  [tests/gpu/sp_packing_gpu.py]=120 [tests/gpu/bridge_gpu.py]=90)
 scripts=("$@")
 [ ${#scripts[@]} -gt 0 ] || scripts=(tests/gpu/megatron_gpu.py tests/gpu/recipe_gpu.py tests/gpu/train_gpu.py
                                      tests/gpu/vocab_parallel_gpu.py tests/gpu/step_speed_gpu.py
-                                     tests/gpu/sp_packing_gpu.py)
+                                     tests/gpu/sp_packing_gpu.py tests/gpu/bridge_gpu.py)
 passed=0 failed=0 skipped=0
 for script in "${scripts[@]}"; do
   left=$(( BUDGET_S - ($(date +%s) - t_start) ))
