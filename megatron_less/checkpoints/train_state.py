@@ -255,7 +255,10 @@ def check_resume(cfg, arch, num_prompts: int) -> Path | None:
         raise CheckpointError(f"{path / STATE_FILE}: missing {missing} (not a trainer state this code wrote)")
     check_same_arch(arch, checkpoint_arch(path), f"checkpoint.resume: {path}")
     check_files(path)
-    here = {"world": int(os.environ.get("WORLD_SIZE", "1")), "tp": cfg.parallel.tp, "pp": cfg.parallel.pp}
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # before any group: the whole torchrun world
+    if cfg.rollout.placement == "separate":
+        world -= cfg.rollout.ranks  # the trainer ranks save and restore RNG states
+    here = {"world": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp}
     if state["layout"] == here:  # RNG states are restored: every rank needs its own
         lost = [r for r in range(here["world"]) if not (path / "rng" / f"rank_{r}.pt").is_file()]
         if lost:

@@ -81,6 +81,18 @@ class Bridge:
         if cuda:
             self._tensors = dist.ProcessGroupNCCL(dist.PrefixStore("bridge/tensors", store), rank, size, timeout)
             self.device = torch.device("cuda", torch.cuda.current_device())
+            # NCCL starts its communicator at the first collective: here, before vLLM sizes its
+            # KV cache from the free memory, and a failure shows at start-up, not at the first sync
+            self.broadcast(torch.zeros(1, device=self.device), self.TRAINER)
+            torch.cuda.synchronize()
+
+    def close(self) -> None:
+        """Shut the NCCL communicator down before the process groups go (its destructor warns)."""
+        if self._tensors is self._objects:
+            return
+        shutdown = getattr(self._tensors, "shutdown", None) or getattr(self._tensors, "_shutdown", None)
+        if shutdown is not None:  # torch versions name it either way
+            shutdown()
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
         """``tensor`` (on ``self.device``) from bridge rank ``root`` into every member's."""
@@ -125,7 +137,12 @@ class Bridge:
         if bucket:
             flush()
         self.objects(None, self.TRAINER)
+        self._synchronize()  # transfer timings measure the transfer, not its queueing (NCCL)
         return counts
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
 
     def recv_tensors(self):
         """The rollout ranks' side of ``send_tensors``: (name, tensor) pairs, a bucket at a time
@@ -135,3 +152,4 @@ class Bridge:
             flat = self.broadcast(torch.empty(sum(numels), dtype=header[0][2], device=self.device), self.TRAINER)
             for (name, shape, _), part in zip(header, flat.split(numels)):
                 yield name, part.view(shape)
+        self._synchronize()

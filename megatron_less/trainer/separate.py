@@ -75,7 +75,8 @@ def build_side(cfg) -> RolloutSide:
     prompts, _ = load_prompts(cfg.data.train_file, tokenizer, template=cfg.data.template,
                               max_prompt_tokens=cfg.data.max_prompt_tokens, skip_bad=cfg.data.skip_bad_rows)
     bridge = placement.split(place, cfg.rollout.bridge_timeout_s)  # every rollout rank is on the bridge
-    return RolloutSide(cfg=cfg, engine=vllm_engine(cfg, arch), tokenizer=tokenizer,
+    # nothing else shares these GPUs: vLLM never sleeps there
+    return RolloutSide(cfg=cfg, engine=vllm_engine(cfg, arch, sleep=False), tokenizer=tokenizer,
                        stop_ids=stop_token_ids(tokenizer, cfg.model.hf_dir or cfg.model.tokenizer),
                        sampler=PromptSampler(prompts, cfg.seed, cfg.data.shuffle), dp=dp, bridge=bridge)
 
@@ -111,6 +112,7 @@ def serve(side: RolloutSide) -> RolloutSide:
         keep = list(ahead) if train_state.due(cfg, k, last) else None
         b.objects({"step": k, "eval": figures, "ahead": keep, "idle": idle} if lead else None, Bridge.LEADER)
     side.engine.shutdown()
+    b.close()
     return side
 
 
@@ -189,8 +191,10 @@ class RemoteRollout(RolloutEngine):
     def sync_weights(self, model) -> dict:
         """Weights of the step just trained to the rollout ranks, once they are between batches."""
         t0 = time.perf_counter()
-        if self.bridge is not None:
-            self.bridge.objects(None, Bridge.LEADER)  # "ready": the rollout ranks wait for weights
+        # "ready" (the rollout ranks wait for weights) to every trainer rank: until it comes they
+        # wait here, on the trainer world's gloo side with rollout.bridge_timeout_s, not inside
+        # the gathers' NCCL groups with megatron's shorter timeout
+        self._share(self.bridge.objects(None, Bridge.LEADER) if self.bridge else None)
         waited = time.perf_counter() - t0
         self.version += 1
         out = self._send(model)
@@ -214,6 +218,10 @@ class RemoteRollout(RolloutEngine):
 
     def checkpoint_state(self) -> dict:
         return {"ahead": self.ahead}
+
+    def shutdown(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close()
 
     def generate(self, prompts, n, params):
         raise RuntimeError("placement separate: trainer ranks hold no rollout engine (the rollout ranks generate)")

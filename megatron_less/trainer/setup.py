@@ -82,9 +82,9 @@ def _engine(cfg: Config, arch, policy):
     return engine
 
 
-def vllm_engine(cfg: Config, arch):
+def vllm_engine(cfg: Config, arch, sleep: bool | None = None):
     """The run's vLLM engine, before any weight (colocated: on every rank; separate: on the
-    rollout ranks)."""
+    rollout ranks, ``sleep`` False). ``sleep``: sleep mode (None: on GPU)."""
     from megatron_less.rollout.vllm_engine import VLLMEngine
 
     r = cfg.rollout
@@ -95,7 +95,7 @@ def vllm_engine(cfg: Config, arch):
         arch, rollout_tp=r.rollout_tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
         max_model_len=cfg.data.max_prompt_tokens + r.max_tokens, seed=cfg.seed,
         kv_cache_bytes=int(r.kv_cache_gib * 2**30) if r.kv_cache_gib else None,
-        gpu_memory_utilization=r.gpu_memory_utilization,
+        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=sleep,
     )  # fmt: skip
 
 
