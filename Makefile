@@ -17,7 +17,7 @@ MCORE_USERS_DIR := $(VENV)/mcore-$(MCORE_USERS)
 MCORE_USERS_STAMP := $(MCORE_USERS_DIR)/.installed
 MCORE_USERS_TESTS := tests/test_cpu_compat.py tests/test_convert.py tests/test_train.py tests/test_reliability.py \
 	tests/test_users_stack.py tests/test_rollout_vllm.py tests/test_gpu_shaped.py tests/test_collectives.py \
-	tests/test_output_dir.py \
+	tests/test_output_dir.py tests/test_separate.py::test_resume_with_a_batch_in_flight_is_bit_exact \
 	tests/test_examples.py::test_pipeline_end_to_end_on_the_tiny_model
 
 .PHONY: setup demo test test-mcore-users test-fast test-all compare bench clean

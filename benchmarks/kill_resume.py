@@ -320,6 +320,9 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--dynamic-sampling", action="store_true",
                     help="DAPO dynamic sampling on; named kills also in the middle of an extra round")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"the named kill points, taken in turn by the even trials (of {', '.join(PHASES)}, "
+                         "oversample)")
     ap.add_argument("--separate", action="store_true",
                     help="rollout.placement separate (the last rank generates one step ahead with vLLM; "
                          "--nproc counts it)")
@@ -330,6 +333,8 @@ def main() -> int:
         work = Path(a.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         kw = dict(extra=DYNAMIC, phases=("oversample", *PHASES)) if a.dynamic_sampling else {}
+        if a.phases != ",".join(PHASES):
+            kw["phases"] = tuple(a.phases.split(","))
         if a.separate:
             kw["extra"] = [*kw.get("extra", []), *SEPARATE]
         res = trials(a.trials, a.steps, a.every, a.nproc, work, a.seed, **kw)
