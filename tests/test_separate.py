@@ -2,7 +2,8 @@
 and 1 vLLM rank, one torchrun-style job.
 
 * max_staleness 0 on separate ranks is the colocated algorithm: the same per-step metrics as a
-  colocated run (vLLM on both ranks) to fp32 tolerance - only timing may differ.
+  colocated run (vLLM on both ranks) to fp32 tolerance - only timing may differ - and the same
+  evaluations (run by the rollout ranks).
 * max_staleness 1: the batch of step k was generated with the weights of step k - 2 (from step
   2 on), never older; a job stopped after a checkpoint and resumed trains on the very batches
   the uninterrupted run trained on (they were generated ahead and saved with the checkpoint)
@@ -95,14 +96,20 @@ def test_separate_placement_config_errors(tiny):
 def synchronous(tiny, tmp_path_factory):
     _need_vllm()
     root = tmp_path_factory.mktemp("sync")
-    colocated = _run(tiny, root / "colocated", 2, "train.steps=3", "rollout.rollout_tp=1")
-    separate = _run(tiny, root / "separate", 3, "train.steps=3", *SEPARATE, "rollout.max_staleness=0")
-    return colocated, separate
+    # evaluations before step 1 and after step 3 (on the rollout ranks when separate)
+    evals = ("train.steps=3", "eval.before_train=true", "eval.every=3", f"eval.benchmarks=[{tiny['data']}]",
+             "eval.limit=8", "eval.n=2", "eval.max_tokens=12", "eval.template=none")
+    colocated = _run(tiny, root / "colocated", 2, *evals, "rollout.rollout_tp=1")
+    separate = _run(tiny, root / "separate", 3, *evals, *SEPARATE, "rollout.max_staleness=0")
+    return colocated, separate, root
 
 
 def test_staleness_zero_on_separate_ranks_equals_colocated(synchronous):
-    colocated, separate = synchronous
+    colocated, separate, root = synchronous
     assert [r["step"] for r in separate] == [1, 2, 3]
+    evals = [[json.loads(line) for line in (root / run / "eval.jsonl").read_text().splitlines()]
+             for run in ("colocated", "separate")]  # fmt: skip
+    assert [e["step"] for e in evals[1]] == [0, 3] and evals[0] == evals[1]
     for a, b in zip(colocated, separate):
         a, b = _stable(a), _stable(b)
         assert set(b) - set(a) == {"rollout/weight_version", "rollout/staleness"}
