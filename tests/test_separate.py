@@ -98,7 +98,7 @@ def synchronous(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("sync")
     # evaluations before step 1 and after step 3 (on the rollout ranks when separate)
     evals = ("train.steps=3", "eval.before_train=true", "eval.every=3", f"eval.benchmarks=[{tiny['data']}]",
-             "eval.limit=8", "eval.n=2", "eval.max_tokens=12", "eval.template=none")
+             "eval.limit=16", "eval.n=4", "eval.temperature=1.0", "eval.max_tokens=12", "eval.template=none")
     colocated = _run(tiny, root / "colocated", 2, *evals, "rollout.rollout_tp=1")
     separate = _run(tiny, root / "separate", 3, *evals, *SEPARATE, "rollout.max_staleness=0")
     return colocated, separate, root
