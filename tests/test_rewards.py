@@ -347,3 +347,29 @@ def test_in_process_batch_matches_pool():
     responses = ["\\boxed{1/2}", "\\boxed{3}", "none", "\\boxed{x=4}"]
     refs = ["0.5", "4", "1", "4"]
     assert score_batch(responses, refs, num_workers=0) == score_batch(responses, refs, 2)
+
+
+def test_streaming_scorer_gives_the_batch_verdicts_and_reraises():
+    """Responses handed over one by one (as an engine finishes them) get the verdicts scoring the
+    whole batch at the end gives; an error in the scoring thread reaches the caller."""
+    from megatron_less.rewards.streaming import StreamingScorer
+
+    texts = ["so \\boxed{4}", "\\boxed{5}", "no box here", "\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"]
+    answers = ["4", "4", "4", "0.5", "1/2"]
+    scorer = StreamingScorer(lambda ids: texts[ids[0]], num_workers=1, timeout=5)
+    for i in (3, 0, 4, 1, 2):  # finishing out of order
+        scorer.submit(i, [i], answers[i])
+    got = scorer.results()
+    want = score_batch(texts, answers, num_workers=1, timeout=5)
+    assert [got[i] for i in range(len(texts))] == want
+    assert [r.score for r in want] == [1.0, 0.0, 0.0, 1.0, 1.0]
+
+    def broken(ids):
+        raise UnicodeDecodeError("utf-8", b"", 0, 1, "a bad token")
+
+    scorer = StreamingScorer(broken, num_workers=1, timeout=5)
+    scorer.submit(0, [0], "4")
+    with pytest.raises(UnicodeDecodeError):
+        scorer.results()
+    with pytest.raises(ValueError, match="num_workers must not be 0"):
+        StreamingScorer(broken, num_workers=0, timeout=5)

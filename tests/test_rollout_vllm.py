@@ -252,6 +252,29 @@ def _big_batch(engine) -> dict:
     return {"error": None, "groups": len(big), "same_as_small_batch": same}
 
 
+def _streamed(engine) -> dict:
+    """generate's on_finish: the responses it hands over as they finish, with how many requests
+    this rank's engine still had running at that moment, and whether generate returned the
+    same responses as without it."""
+    import torch
+
+    from megatron_less.rollout.base import SamplingParams
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (6,), generator=gen).tolist() for _ in range(6)]
+    # a fifth of the vocabulary stops: responses end after 1 to 12 tokens
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=11, stop_token_ids=tuple(range(3, 250, 5)))
+    seen = []
+
+    def record(i, j, response):
+        seen.append(((i, j), response.token_ids, engine.llm.llm_engine.get_num_unfinished_requests()))
+
+    streamed = engine.generate(prompts, 4, params, on_finish=record)
+    plain = engine.generate(prompts, 4, params)
+    tokens = lambda out: [[r.token_ids for r in g] for g in out]  # noqa: E731
+    return {"same": tokens(streamed) == tokens(plain), "seen": seen, "final": tokens(streamed)}
+
+
 def _job(layouts, rollout_tp):
     """Per trainer layout two phases: one sync in a single bucket, then (after a sleep cycle)
     one bucket per layer."""
@@ -269,6 +292,8 @@ def _job(layouts, rollout_tp):
             out["engine_kwargs"] = dict(getattr(engine, "engine_kwargs", {}))
         policy = build_policy(arch, tp=tp, pp=pp)
         out[(tp, pp)] = [_phase(engine, policy, arch, 0), _phase(engine, policy, arch, 1, bucket_bytes=1, sleep=True)]
+        if (tp, pp) in ((1, 1), (2, 1)):
+            out["streamed"] = _streamed(engine)
         if (tp, pp) == (1, 1):
             out["partial_sync"] = _partial_sync(engine, policy, arch)
             out["big_batch"] = _big_batch(engine)
@@ -294,6 +319,7 @@ def _replica_job(tp, pp):
     with _count_generated(engine) as counts:
         out["phases"] = [_phase(engine, policy, arch, seed) for seed in (0, 1)]
     out["generated_here"] = list(counts)  # both phases
+    out["streamed"] = _streamed(engine)
     engine.shutdown()
     runtime.destroy()
     return out
@@ -442,3 +468,20 @@ def test_prefill_larger_than_a_step_is_not_split_on_cpu(single):
     res = single["big_batch"]
     assert res["error"] is None, res
     assert res["groups"] == 64 and res["same_as_small_batch"], res
+
+
+def test_responses_are_handed_over_as_they_finish(single, pair, replicas):
+    """on_finish (the streaming reward's feed) gets every response exactly once in the job - on
+    the first rank of the replica that generated it, under rollout TP2 too - some while other
+    requests are still running, and generate returns the same responses with it as without."""
+    for name, ranks in (("vLLM TP1", [single]), ("vLLM TP2", pair), ("2 replicas TP1", replicas)):
+        final = ranks[0]["streamed"]["final"]
+        keys = [k for r in ranks for k, _, _ in r["streamed"]["seen"]]
+        assert sorted(keys) == [(i, j) for i in range(6) for j in range(4)], name
+        assert all(r["streamed"]["same"] for r in ranks), name
+        for r in ranks:
+            for (i, j), ids, _ in r["streamed"]["seen"]:
+                assert ids == final[i][j], name
+        assert max(n for r in ranks for _, _, n in r["streamed"]["seen"]) > 0, name  # others still running
+        assert len({len(ids) for g in final for ids in g}) > 1, name
+    assert not pair[1]["streamed"]["seen"]  # the second TP rank of the one replica reports nothing

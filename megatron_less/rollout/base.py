@@ -44,13 +44,18 @@ class Response:
 
 
 class RolloutEngine(abc.ABC):
+    # whether generate calls on_finish as each response finishes (else: it is not called)
+    streams = False
+
     @abc.abstractmethod
     def generate(
-        self, prompts: list[list[int]], n: int, params: SamplingParams
+        self, prompts: list[list[int]], n: int, params: SamplingParams, on_finish=None
     ) -> list[list[Response]]:
         """``n`` responses for each prompt (token ids), in prompt order, each token with its
         log-prob as the module docstring defines it (untruncated, tempered). Collective: every
-        rank of the job calls it with the same prompts and gets every result back."""
+        rank of the job calls it with the same prompts and gets every result back. An engine
+        that ``streams`` calls ``on_finish(i, j, response)`` for response j of prompt i as soon
+        as it is done, exactly once in the whole job (on one rank of the replica that made it)."""
 
     @abc.abstractmethod
     def sync_weights(self, model) -> dict:

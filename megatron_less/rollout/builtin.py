@@ -31,7 +31,7 @@ class BuiltinSampler(RolloutEngine):
         return {"seconds": 0.0, "bytes": 0}
 
     @torch.no_grad()
-    def generate(self, prompts, n, params: SamplingParams):
+    def generate(self, prompts, n, params: SamplingParams, on_finish=None):  # whole batches: no streaming
         from megatron.core import parallel_state as ps
 
         requests = [(i, j, list(p)) for i, p in enumerate(prompts) for j in range(n)]

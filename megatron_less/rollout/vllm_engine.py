@@ -123,12 +123,18 @@ class VLLMEngine(RolloutEngine):
         self._weights_current = True  # False from a level-2 sleep until the next sync
 
     # -- generation ---------------------------------------------------------------------------
+    def _replica_leader(self) -> bool:
+        """One rank per rollout replica reports a finished response (its TP ranks all see it)."""
+        return not dist.is_initialized() or dist.get_rank() % self.rollout_tp == 0
+
     def _replica(self) -> tuple[int, int]:
         if not dist.is_initialized():
             return 0, 1
         return dist.get_rank() // self.rollout_tp, dist.get_world_size() // self.rollout_tp
 
-    def generate(self, prompts, n, params: SamplingParams):
+    streams = True  # generate's on_finish sees each response as it finishes
+
+    def generate(self, prompts, n, params: SamplingParams, on_finish=None):
         from vllm import SamplingParams as VSP
 
         from megatron_less.rollout.vllm_logprobs import KEY
@@ -156,13 +162,27 @@ class VLLMEngine(RolloutEngine):
             )
             for i, j in requests
         ]
-        outs = self.llm.generate(inputs, sps, use_tqdm=False) if inputs else []
         done = {}
-        for (i, j), out in zip(requests, outs):
+
+        def finished(i, j, out):
             c = out.outputs[0]
             lps = [float(d[t].logprob) for t, d in zip(c.token_ids, c.logprobs)]
-            reason = "stop" if c.finish_reason == "stop" else "length"
-            done[(i, j)] = Response(list(c.token_ids), lps, reason)
+            done[(i, j)] = Response(list(c.token_ids), lps, "stop" if c.finish_reason == "stop" else "length")
+            if on_finish is not None and self._replica_leader():
+                on_finish(i, j, done[(i, j)])
+
+        if on_finish is None:
+            for (i, j), out in zip(requests, self.llm.generate(inputs, sps, use_tqdm=False) if inputs else []):
+                finished(i, j, out)
+        elif inputs:  # LLM.generate's own loop (enqueue, then step the engine), seeing each finish
+            where = {}
+            for k, rid in enumerate(self.llm.enqueue(inputs, sps, use_tqdm=False)):
+                # outputs carry the id enqueue made; vLLM 0.32 returns it with a random suffix
+                where[rid] = where[rid.rsplit("-", 1)[0]] = k
+            while self.llm.llm_engine.has_unfinished_requests():
+                for out in self.llm.llm_engine.step():
+                    if out.finished:
+                        finished(*requests[where[out.request_id]], out)
         if replicas > 1:
             parts = [None] * dist.get_world_size()
             dist.all_gather_object(parts, done)

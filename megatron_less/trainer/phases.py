@@ -44,9 +44,10 @@ def collect(run, step: int, timer) -> tuple[list, list[B.Sequence], dict]:
     for round_ in range(ds.max_rounds if ds.enable else 1):
         with timer("rollout"):
             prompts = run.sampler.next_batch(want)
-            seqs = rollout(run, prompts, step, round_)
-        with timer("reward"):
-            reward(run, prompts, seqs)
+            scorer = streaming_scorer(run)  # scores responses as they finish, during generation
+            seqs = rollout(run, prompts, step, round_, scorer)
+        with timer("reward"):  # what is left to score once generation ends
+            reward(run, prompts, seqs, scorer.results() if scorer else None)
         generated += seqs
         if not ds.enable:
             return prompts, seqs, {"generated": generated}
@@ -72,32 +73,56 @@ def collect(run, step: int, timer) -> tuple[list, list[B.Sequence], dict]:
     return prompts, seqs, info
 
 
-def rollout(run, prompts, step: int, round_: int = 0) -> list[B.Sequence]:
-    """n responses per prompt (collective: every rank gets all of them)."""
+def streaming_scorer(run):
+    """A scorer the engine feeds as responses finish, where the engine streams (vLLM) and the
+    reward runs in its worker pool (reward.workers not 0); else None: reward scores the batch."""
+    from megatron_less.rewards.streaming import StreamingScorer
+
+    if not run.engine.streams or run.cfg.reward.workers == 0:
+        return None
+    decode = lambda ids: run.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return StreamingScorer(decode, num_workers=run.cfg.reward.workers, timeout=run.cfg.reward.timeout_s)
+
+
+def rollout(run, prompts, step: int, round_: int = 0, scorer=None) -> list[B.Sequence]:
+    """n responses per prompt (collective: every rank gets all of them); each handed to
+    ``scorer`` as it finishes, under its index in the returned list."""
     r = run.cfg.rollout
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
                             seed=run.cfg.seed * 100_003 + step + round_ * 1_000_003, stop_token_ids=run.stop_ids)
-    out = run.engine.generate([p.token_ids for p in prompts], r.n, params)
+    on_finish = None
+    if scorer is not None:
+        def on_finish(i, j, x):
+            scorer.submit(i * r.n + j, x.token_ids, prompts[i].answer)
+    out = run.engine.generate([p.token_ids for p in prompts], r.n, params, on_finish=on_finish)
     faults.kill_point("rollout" if round_ == 0 else "oversample", step)
     return [B.Sequence(g, prompts[g].token_ids, list(x.token_ids), list(x.logprobs), x.finish_reason)
             for g, responses in enumerate(out) for x in responses]  # fmt: skip
 
 
-def reward(run, prompts, seqs: list[B.Sequence]) -> None:
-    """Math reward; the world's ranks each score a slice, then share (collective)."""
+def reward(run, prompts, seqs: list[B.Sequence], scored: dict | None = None) -> None:
+    """Math reward, then shared (collective): ``scored`` holds the verdicts this rank streamed
+    ({index in seqs: verdict}; each response on one rank); without, each rank scores a slice."""
     from megatron_less.parallel import runtime
     from megatron_less.rewards.math import REASONS, score_batch
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = list(range(rank, len(seqs), world))
-    texts = [run.tokenizer.decode(seqs[i].response, skip_special_tokens=True) for i in mine]
-    results = score_batch(texts, [prompts[seqs[i].group].answer for i in mine], num_workers=run.cfg.reward.workers,
-                          timeout=run.cfg.reward.timeout_s)
-    codes = torch.zeros(len(seqs), 2)
+    if scored is not None:
+        mine, results = list(scored), list(scored.values())
+    else:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = list(range(rank, len(seqs), world))
+        texts = [run.tokenizer.decode(seqs[i].response, skip_special_tokens=True) for i in mine]
+        results = score_batch(texts, [prompts[seqs[i].group].answer for i in mine],
+                              num_workers=run.cfg.reward.workers, timeout=run.cfg.reward.timeout_s)
+    codes = torch.zeros(len(seqs), 3)
     for i, res in zip(mine, results):
-        codes[i] = torch.tensor([res.score, REASONS.index(res.reason) + 1])
+        codes[i] = torch.tensor([res.score, REASONS.index(res.reason) + 1, 1.0])
     codes = codes.to(runtime.device())  # the collective runs where NCCL can take it
     dist.all_reduce(codes)
+    codes, count = codes[:, :2].cpu(), codes[:, 2].cpu()
+    if not bool((count == 1).all()):
+        bad = (count != 1).nonzero().flatten().tolist()
+        raise RuntimeError(f"reward: responses {bad[:8]} were scored by {count[bad[:8]].tolist()} ranks, not one each")
     c = run.cfg
     lengths = torch.tensor([len(s.response) for s in seqs])
     penalty = (overlong_penalty(lengths, c.rollout.max_tokens, c.reward.overlong_buffer, c.reward.overlong_penalty)

@@ -223,7 +223,7 @@ class RemoteRollout(RolloutEngine):
         if self.bridge is not None:
             self.bridge.close()
 
-    def generate(self, prompts, n, params):
+    def generate(self, prompts, n, params, on_finish=None):
         raise RuntimeError("placement separate: trainer ranks hold no rollout engine (the rollout ranks generate)")
 
     @staticmethod
