@@ -19,7 +19,8 @@ training) and that every placement learns. What it cannot: the throughput gain o
 at scale. Here the cores are the only resource, every process competes for them, and colocated DP
 already keeps both cores busy in both phases, so hiding generation behind training buys little;
 on GPUs the gain comes from the long tail of a generation batch and from training and generation
-each sized to its own devices (tests/gpu/ records the figures when a GPU is lent).
+each sized to its own devices. The GPU machine lent to this project has no vLLM, so this benchmark
+cannot run there; tests/gpu/bridge_gpu.py measures the bridge's weight transfer over NCCL.
 """
 
 from __future__ import annotations
