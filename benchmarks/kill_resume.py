@@ -163,11 +163,13 @@ def load_checkpoint_files(path: Path) -> dict:
                      no_dist=True)  # fmt: skip
     state = json.loads((path / "trainer_state.json").read_text())
     state["config"].pop("output_dir")
-    for batch in state.get("rollout", {}).get("ahead", []):  # placement separate: batches generated ahead
+    ahead = path / "rollout_state.json"  # placement separate: the batches generated ahead
+    rollout = json.loads(ahead.read_text()) if ahead.exists() else {}
+    for batch in rollout.get("ahead", []):
         batch.pop("timeline")  # their wall-clock figures, the only part allowed to differ
     common = path / "common.pt"  # megatron-core < 0.19; later ones keep it among the DCP items above
     return {"tensors": tensors, "common": torch.load(common, weights_only=False) if common.exists() else None,
-            "trainer_state": state,
+            "trainer_state": state, "rollout_state": rollout,
             "rng": {p.name: torch.load(p, weights_only=False) for p in sorted((path / "rng").iterdir())}}  # fmt: skip
 
 

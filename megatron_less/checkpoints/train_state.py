@@ -7,6 +7,8 @@ that looks complete. It holds
     fp32 master weights under bf16) - the model part is an ordinary megatron-less checkpoint, so
     `export-hf` and `eval --model` read a training checkpoint as they are;
   * trainer_state.json: step, data position, LR schedule, counters, the resolved config, layout;
+  * rollout_state.json (rollout.placement separate): the batches already generated for later
+    steps, from weights no checkpoint keeps;
   * rng/rank_R.pt: each rank's python / numpy / torch / CUDA / megatron model-parallel RNG states.
 RNG states are restored only at the layout they were saved at (elsewhere rank R is another
 shard; the process RNGs are then seeded from ``seed`` as at a fresh start). Nothing a step
@@ -23,6 +25,7 @@ half gone.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -39,6 +42,7 @@ from megatron_less.checkpoints.model import META_FILE, load_with, save_checkpoin
 from megatron_less.parallel import faults
 
 STATE_FILE = "trainer_state.json"
+ROLLOUT_FILE = "rollout_state.json"  # placement separate: the batches generated ahead
 STATE_VERSION = 1
 STEP_DIR = re.compile(r"step_\d+")  # a published checkpoint (not .partial, not .stale)
 # config keys the LR schedule is built from: a resume must use the values it was saved with
@@ -117,7 +121,6 @@ def trainer_state(run) -> dict:
         "counters": dict(run.counters),
         "layout": _layout(),
         "config": run.cfg.model_dump(),
-        **({"rollout": engine_state} if (engine_state := run.engine.checkpoint_state()) else {}),
     }
 
 
@@ -129,7 +132,7 @@ def due(cfg, step: int, last: int) -> bool:
 def rollout_state(path: Path) -> dict:
     """What the rollout engine saved with checkpoint ``path`` (placement separate: the batches
     generated ahead); empty for a colocated run's."""
-    return read_json(path / STATE_FILE).get("rollout", {})
+    return read_json(path / ROLLOUT_FILE) if (path / ROLLOUT_FILE).is_file() else {}
 
 
 def save(run) -> Path:
@@ -146,6 +149,9 @@ def save(run) -> Path:
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
         if rank == 0:
             write_json(os.path.join(tmp, STATE_FILE), trainer_state(run))
+            if engine := run.engine.checkpoint_state():  # whole rollout batches: compact, a file of their own
+                with open(os.path.join(tmp, ROLLOUT_FILE), "w", encoding="utf-8") as f:
+                    json.dump(engine, f, separators=(",", ":"))
         faults.kill_point("save", run.step)
 
     with faults.full_disk(run.step):  # MLESS_FAULT only
