@@ -132,7 +132,11 @@ class VLLMEngine(RolloutEngine):
             return 0, 1
         return dist.get_rank() // self.rollout_tp, dist.get_world_size() // self.rollout_tp
 
-    streams = True  # generate's on_finish sees each response as it finishes
+    @property
+    def streams(self) -> bool:
+        """generate's on_finish sees each response as it finishes: with LLM.enqueue (vLLM 0.32
+        has it; an older vLLM scores whole batches)."""
+        return hasattr(self.llm, "enqueue")
 
     def generate(self, prompts, n, params: SamplingParams, on_finish=None):
         from vllm import SamplingParams as VSP
