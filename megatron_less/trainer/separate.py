@@ -208,7 +208,7 @@ class RemoteRollout(RolloutEngine):
         self._slot = self._share(self.bridge.objects(None, Bridge.LEADER) if self.bridge else None)
         if self._slot["ahead"] is not None:
             self.ahead = self._slot["ahead"]
-        return {"transfer_s": sent - t0, **counts, **{k: v for k, v in self._slot["idle"].items()}}
+        return {"transfer_s": sent - t0, **counts, **self._slot["idle"]}
 
     def evaluation(self, step: int) -> dict:
         """The figures the rollout ranks computed at the end of ``step`` (rank 0 logs them)."""
